@@ -143,13 +143,14 @@ def _resolve(pattern: str, layer_names: list[str], mapper, packed: dict) -> list
         rx = re.compile(pattern[3:])
         return [n for n in layer_names if rx.fullmatch(n)]
     candidates = {pattern}
-    if mapper is not None:
-        try:
-            mapped = mapper._map_name(pattern)
-        except Exception:
-            mapped = None
-        if mapped:
-            candidates.add(mapped)
+    if mapper is not None:  # map as a weight name too: prefix rules like "lm_head." need the trailing part
+        for key, suffix in ((pattern, ""), (pattern + ".weight", ".weight")):
+            try:
+                mapped = mapper._map_name(key)
+            except Exception:
+                mapped = None
+            if mapped and mapped.endswith(suffix):
+                candidates.add(mapped[: len(mapped) - len(suffix)])
     for cand in list(candidates):  # unfused shard name -> fused vLLM layer name
         head, _, last = cand.rpartition(".")
         for fused, shards in packed.items():

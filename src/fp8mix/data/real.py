@@ -63,7 +63,7 @@ def photo_sample(split: str, index: int) -> ChatSample:
     crop = img.crop((x0, y0, x0 + cw, y0 + ch))
     crop.thumbnail((MAX_SIDE, MAX_SIDE))
     caption = PHOTOS[name][0]
-    return ChatSample([user_turn("Describe this photo.", 1), assistant_turn(caption)], [crop], caption, "photos")
+    return ChatSample([user_turn("Describe this photo.", 1), assistant_turn(caption)], [crop], None, "photos")
 
 
 @lru_cache(maxsize=1)

@@ -251,7 +251,7 @@ def quantize_input(
         q = xf * scale.reciprocal()
     elif fmt is FP8Format.fp8_dynamic:
         absmax = xf.abs().amax(dim=-1, keepdim=True)
-        scale = (absmax / FP8_MAX).clamp(min=_MIN_TOKEN_SCALE)
+        scale = (absmax / _fp8_max(x.device)).clamp(min=_MIN_TOKEN_SCALE)
         q = xf / scale
     else:
         features = x.shape[-1]
@@ -262,10 +262,17 @@ def quantize_input(
             )
         xf = xf.unflatten(-1, (features // BLOCK, BLOCK))
         absmax = xf.abs().amax(dim=-1, keepdim=True)
-        scale = absmax.clamp(min=_GROUP_ABSMAX_EPS) / FP8_MAX
+        scale = absmax.clamp(min=_GROUP_ABSMAX_EPS) / _fp8_max(x.device)
         q = (xf / scale).flatten(-2)
     x_fp8 = q.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x_fp8, scale
+
+
+def _fp8_max(device: torch.device) -> torch.Tensor:
+    # A tensor divisor, not a Python number: on CUDA, torch turns division by a CPU
+    # scalar into multiplication by its reciprocal, which is 1 ulp off the true
+    # quotient (vLLM's kernels divide) and would make CPU and CUDA results differ.
+    return torch.tensor(FP8_MAX, dtype=torch.float32, device=device)
 
 
 def _dequant_input(x_fp8: torch.Tensor, scale: torch.Tensor, fmt: FP8Format) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Find a model (embedded, local folder or hub id), check it, and load it in BF16 with its processor.
+
+Safetensors only (never pickles); `trust_remote_code` stays off unless the caller asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FP8MixError
+from . import FamilyAdapter, ModelLayout, adapter_for
+
+EMBEDDED = Path(__file__).parent / "embedded"
+EMBEDDED_ID = "embedded:fp8mix-tiny-qwen2.5-vl"
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: object
+    adapter: FamilyAdapter
+    layout: ModelLayout
+    model_id: str      # what the user passed (or the embedded id)
+    path: Path         # local folder the files came from
+    fingerprint: str   # sha256 over config.json and the safetensors headers
+
+
+def resolve(model: str | None) -> tuple[str, Path]:
+    """(model id, local folder). No model means the embedded tiny Qwen2.5-VL."""
+    if model is None or model in ("embedded", EMBEDDED_ID):
+        return EMBEDDED_ID, EMBEDDED
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FP8MixError(f"{path} is a file; pass the model's folder (with config.json and *.safetensors)")
+        return str(path), path
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise FP8MixError(f"model path {model} does not exist; pass a folder with config.json or a hub id like "
+                          "Qwen/Qwen2.5-VL-3B-Instruct")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(model, allow_patterns=HUB_FILES)
+    except Exception as exc:  # offline, unknown repo, gated…
+        raise FP8MixError(f"cannot fetch {model} from the Hugging Face hub ({type(exc).__name__}); "
+                          "download it first and pass the local folder") from None
+    return model, Path(local)
+
+
+def read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FP8MixError(f"{path} has no config.json; pass a Hugging Face model folder")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise FP8MixError(f"{cfg_file} is not valid JSON (line {exc.lineno}): the checkpoint is corrupt") from None
+
+
+def architecture(cfg: dict) -> str:
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise FP8MixError("config.json names no architecture ('architectures' is empty)")
+    return archs[0]
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found {', '.join(pickles)}: fp8mix never loads pickles; re-save it with safetensors)" if pickles else ""
+        raise FP8MixError(f"{path} has no *.safetensors weights{hint}")
+    return files
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over config.json and each safetensors file's header and size: cheap, and changes with the weights'
+    layout; the embedded model is hashed in full."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in safetensors_files(path):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or n > 100_000_000:
+                raise FP8MixError(f"{f} is not a valid safetensors file (bad header): the checkpoint is corrupt")
+            h.update(fh.read(n))
+        h.update(str(f.stat().st_size).encode())
+        if path == EMBEDDED:
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def model_class(arch: str):
+    import transformers
+
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise FP8MixError(f"transformers {transformers.__version__} has no class {arch}")
+    return cls
+
+
+def build_empty(path: Path):
+    """The model skeleton on the meta device, from config.json alone (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    cfg = read_config(path)
+    arch = architecture(cfg)
+    adapter = adapter_for(arch)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with init_empty_weights():
+        model = model_class(arch)._from_config(config, dtype=torch.bfloat16)
+    return model, adapter
+
+
+def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+         device_map: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    from .processor import load_processor
+
+    model_id, path = resolve(model)
+    cfg = read_config(path)
+    adapter = adapter_for(architecture(cfg))
+    digest = fingerprint(path)
+    try:
+        net = model_class(architecture(cfg)).from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            device_map=device_map or device)
+    except FP8MixError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FP8MixError(f"cannot load the model from {path}: {first}") from None
+    net.eval()
+    try:
+        processor = load_processor(path)
+    except Exception as exc:
+        raise FP8MixError(f"cannot load the processor/tokenizer from {path}: {type(exc).__name__}: {exc}") from None
+    return LoadedModel(net, processor, adapter, adapter.layout(net), model_id, path, digest)
