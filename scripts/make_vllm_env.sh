@@ -79,6 +79,7 @@ import torch, torchvision
 import torchvision.transforms.v2  # noqa: F401  (what Qwen2-VL's smart_resize needs)
 from torchvision.ops import nms
 import vllm, compressed_tensors, transformers
+from vllm import LLM, SamplingParams  # noqa: F401  (pulls in the engine: catches missing runtime deps)
 assert "+cpu" not in torch.__version__, f"CPU torch {torch.__version__} got in; the local wheel folder was not bypassed"
 nms(torch.tensor([[0., 0., 1., 1.]]), torch.tensor([1.]), 0.5)
 print(f"  torch {torch.__version__}, torchvision {torchvision.__version__}, vllm {vllm.__version__}, "

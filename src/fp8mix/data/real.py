@@ -76,6 +76,9 @@ def _paragraphs() -> tuple[tuple[str, ...], tuple[str, ...]]:
         paras = [" ".join(p.split()) for p in topics[key].split("\n\n")]
         paras = [p for p in paras if len(p) >= 200]
         (evaluation if i % 4 == 3 else calib).extend(paras)
+    held_out = set(evaluation)  # some paragraphs recur across topics
+    evaluation = list(dict.fromkeys(evaluation))
+    calib = [p for p in dict.fromkeys(calib) if p not in held_out]
     return tuple(calib), tuple(evaluation)
 
 

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+from PIL import Image
+
+from fp8mix.data import sources
+from fp8mix.errors import FP8MixError
+
+
+def _png(path, color=(200, 10, 10)):
+    Image.new("RGB", (60, 40), color).save(path)
+
+
+def test_embedded_is_deterministic_and_splits_are_disjoint():
+    a = sources.embedded("calib", 40, seed=0)
+    b = sources.embedded("calib", 40, seed=0)
+    assert [s.fingerprint() for s in a] == [s.fingerprint() for s in b]
+    other_seed = sources.embedded("calib", 40, seed=1)
+    assert not {s.fingerprint() for s in a} & {s.fingerprint() for s in other_seed}
+    ev = sources.embedded("eval", 200)
+    sources.assert_disjoint(a + other_seed, ev)
+    kinds = {s.source for s in a}
+    assert kinds == {"shapes", "photos", "text"}
+    assert all(s.images for s in a if s.source != "text")
+
+
+def test_eval_photos_and_topics_are_held_out():
+    from fp8mix.data import real
+
+    assert not set(real.EVAL_PHOTOS) & set(real.CALIB_PHOTOS)
+    assert not set(real.text_paragraphs("eval")) & set(real.text_paragraphs("calib"))
+
+
+def test_jsonl_roundtrip_and_split(tmp_path):
+    _png(tmp_path / "a.png")
+    rows = []
+    for i in range(8):
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"q{i}"}]},
+                                  {"role": "assistant", "content": [{"type": "text", "text": f"a{i}"}]}],
+                     "images": ["a.png"]})
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    calib = sources.load(str(f), "calib", 100)
+    ev = sources.load(str(f), "eval", 100)
+    assert len(calib) == 6 and len(ev) == 2
+    sources.assert_disjoint(calib, ev)
+    assert ev[0].answer.startswith("a") and ev[0].images[0].size == (60, 40)
+    assert sorted(s.answer for s in calib + ev) == sorted(f"a{i}" for i in range(8))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [', "d.jsonl:2: not valid JSON"),
+    ('{"images": []}', "d.jsonl:2: missing 'messages'"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": ["nope.png"]}',
+     "d.jsonl:2: image .*nope.png not found"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": []}',
+     "d.jsonl:2: 1 image item"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": ["bad.png"]}',
+     "d.jsonl:2: cannot read image .*bad.png"),
+])
+def test_jsonl_bad_lines_name_file_and_line(tmp_path, line, message):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    good = '{"messages": [{"role": "user", "content": "hi"}]}'
+    f = tmp_path / "d.jsonl"
+    f.write_text(good + "\n" + line + "\n")
+    with pytest.raises(FP8MixError, match=message):
+        sources.jsonl(f)
+
+
+def test_image_folder_with_sidecars_and_table(tmp_path):
+    _png(tmp_path / "one.png")
+    _png(tmp_path / "two.jpg", (0, 0, 255))
+    (tmp_path / "one.txt").write_text("A red box.\n")
+    (tmp_path / "captions.json").write_text(json.dumps({"two.jpg": "A blue box."}))
+    got = sources.image_folder(tmp_path)
+    assert [s.answer for s in got] == ["A red box.", "A blue box."]
+    (tmp_path / "three.png").write_bytes(b"")
+    with pytest.raises(FP8MixError, match="three.png: no caption"):
+        sources.image_folder(tmp_path)
+
+
+def test_missing_source_is_one_clear_error(tmp_path):
+    with pytest.raises(FP8MixError, match="not found"):
+        sources.load(str(tmp_path / "missing.jsonl"), "calib", 4)
+
+
+def test_overlap_is_refused():
+    s = sources.embedded("calib", 3)
+    with pytest.raises(FP8MixError, match="both the calibration and the evaluation"):
+        sources.assert_disjoint(s, s[:1])

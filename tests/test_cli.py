@@ -1,0 +1,63 @@
+import json
+import shutil
+import subprocess
+import sys
+
+from fp8mix import __version__
+from fp8mix.models.loading import EMBEDDED
+
+
+def fp8mix(*args):
+    return subprocess.run([sys.executable, "-m", "fp8mix", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_version():
+    r = fp8mix("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"fp8mix {__version__}"
+
+
+def test_info_embedded():
+    r = fp8mix("info")
+    assert r.returncode == 0, r.stderr
+    assert "8 blocks x 4" in r.stdout and "gate_up" in r.stdout and "tied to the embeddings" in r.stdout
+
+
+def _one_line_error(r):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr + r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+def test_missing_path(tmp_path):
+    assert "does not exist" in _one_line_error(fp8mix("info", "--model", str(tmp_path / "nope")))
+
+
+def test_corrupt_checkpoint(tmp_path):
+    for f in EMBEDDED.iterdir():
+        shutil.copy(f, tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert "corrupt" in _one_line_error(fp8mix("info", "--model", str(tmp_path)))
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    shutil.copy(EMBEDDED / "config.json", tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    from fp8mix.errors import FP8MixError
+    from fp8mix.models import loading
+
+    try:
+        loading.load(str(tmp_path))
+    except FP8MixError as exc:
+        assert "never loads pickles" in str(exc)
+    else:
+        raise AssertionError("a pickle checkpoint was loaded")
+
+
+def test_unsupported_model(tmp_path):
+    cfg = json.loads((EMBEDDED / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    line = _one_line_error(fp8mix("info", "--model", str(tmp_path)))
+    assert "unsupported architecture 'LlamaForCausalLM'" in line and "Qwen2_5_VLForConditionalGeneration" in line
