@@ -205,17 +205,26 @@ def test_dynamic_per_token_row_max_maps_to_448(dtype):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 9, 256, generator=g) * torch.exp(3 * torch.randn(4, 9, 1, generator=g))
     x[1, 2] = 0.0  # an all-zero token
+    x[3, 4] *= 1e-4 / x[3, 4].abs().max()  # a token below vLLM's scale floor
     x = x.to(dtype)
     x_fp8, scale = quantize_input(x, FP8Format.fp8_dynamic)
     assert x_fp8.dtype == FP8_DTYPE and scale.dtype == torch.float32
     assert scale.shape == (4, 9, 1)
     q = x_fp8.float()
-    nonzero = x.float().abs().amax(-1) > 0
-    assert torch.all(q.abs().amax(-1)[nonzero] == 448.0)
+    absmax = x.float().abs().amax(-1)
+    nonzero = absmax > 0
+    # vLLM floors the scale at 1/(448*512): tokens with absmax >= 1/512 reach 448
+    floor = torch.tensor(1.0 / (448.0 * 512.0))
+    big = absmax >= 2.0**-9
+    assert big.sum() >= 30 and (~big & nonzero).any()
+    assert torch.all(q.abs().amax(-1)[big] == 448.0)
+    tiny = ~big & nonzero
+    assert torch.all(scale[..., 0][tiny] == floor)
+    assert torch.equal(q.abs().amax(-1)[tiny], (absmax[tiny] / floor).to(FP8_DTYPE).float())
     assert torch.all(q.abs().amax(-1)[~nonzero] == 0.0)
     # the element that reaches 448 is the row's absmax, with its sign
     idx = x.float().abs().argmax(-1, keepdim=True)
-    assert torch.equal(q.gather(-1, idx)[nonzero], (448.0 * x.float().gather(-1, idx).sign())[nonzero])
+    assert torch.equal(q.gather(-1, idx)[big], (448.0 * x.float().gather(-1, idx).sign())[big])
     # a 2-D input is per row too (compressed-tensors' own token emulation is per tensor there)
     q2, s2 = quantize_input(x.reshape(-1, 256), FP8Format.fp8_dynamic)
     assert_bitwise(q2, x_fp8.reshape(-1, 256))
@@ -248,7 +257,7 @@ def test_relative_error_is_bounded(fmt, dtype):
     wf = w.float()
     normal = wf.abs() / scale_full >= FP8_MIN_NORMAL
     rel = (fake_quant_weight(w, fmt).float() - wf).abs()[normal] / wf.abs()[normal]
-    assert normal.float().mean() > 0.9
+    assert normal.sum() > 10_000
     assert rel.max() <= bound
     assert rel.max() > 2.0**-6  # it did quantize
 
@@ -306,7 +315,11 @@ def test_static_needs_its_scale_and_dynamic_refuses_one():
 def test_linear_forward(fmt, dtype):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 5, 256, generator=g).to(dtype)
-    lin = torch.nn.Linear(256, 96).to(dtype)
+    lin = torch.nn.Linear(256, 96)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 256, generator=g) / 16)
+        lin.bias.copy_(torch.randn(96, generator=g) / 16)
+    lin.to(dtype)
     static = static_input_scale(x.float().abs().amax()) if fmt is FP8Format.fp8_static else None
     y = fp8_linear_forward(x, lin.weight, lin.bias, fmt, static)
     assert y.dtype == dtype and y.shape == (2, 5, 96)
@@ -321,7 +334,9 @@ def test_linear_forward(fmt, dtype):
     w_fp8, w_scale = quantize_weight(lin.weight, fmt)
     w_deq = dequantize_weight(w_fp8, w_scale, fmt, torch.float64)
     ref = x_deq @ w_deq.T + lin.bias.double()
-    tol = 1e-5 if dtype == torch.float32 else 2.0**-8
+    # float32: summation order only; bf16: one rounding of the output, two for fp8_block
+    # (vLLM adds the bias after the cast there)
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-7 if fmt is FP8Format.fp8_block else 2.0**-8
     assert ((y.double() - ref).abs() <= tol * ref.abs().max()).all()
 
     module = FP8Linear.from_linear(lin, fmt, static)

@@ -1,0 +1,46 @@
+"""The run directory's files: JSON written atomically (write, then rename) with a schema tag, read back checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import FP8MixError
+
+SCHEMA = "fp8mix/{kind}/v1"
+
+
+def dumps(doc: dict) -> str:
+    """Canonical JSON: sorted keys, fixed indentation, so equal documents are equal bytes."""
+    return json.dumps(doc, indent=2, sort_keys=True, allow_nan=True) + "\n"
+
+
+def write_json(path: Path, kind: str, doc: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": SCHEMA.format(kind=kind), **doc}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(dumps(doc))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: Path, kind: str, hint: str = "") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FP8MixError(f"{path} not found{'; ' + hint if hint else ''}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FP8MixError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); delete it and rerun the stage") from None
+    want = SCHEMA.format(kind=kind)
+    if doc.get("schema") != want:
+        raise FP8MixError(f"{path} is not a {want} file (schema {doc.get('schema')!r})")
+    return doc

@@ -1,0 +1,57 @@
+"""sensitivity.json: per-group and per-block AutoQuant scores, with the settings that produced them."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import ModelLayout
+from ..models.loading import LoadedModel
+from .autoquant import Progress, _no_progress, gradient_scores, kl_scores
+from .batches import calibration_samples, make_batches
+from .settings import AutoQuantSettings
+
+GRANULARITY = "group"
+
+
+def build_document(model_id: str, fingerprint: str, layout: ModelLayout, settings: AutoQuantSettings,
+                   module_scores: dict[str, float], n_samples: int, n_tokens: int) -> dict:
+    groups = []
+    for g in layout.groups:
+        score = sum(module_scores[m] for m in g.modules)
+        groups.append({"name": g.name, "block": g.block, "kind": g.kind, "modules": list(g.modules),
+                       "params": g.params, "score": score,
+                       "module_scores": {m: module_scores[m] for m in g.modules}})
+    block_scores = {b: sum(x["score"] for x in groups if x["block"] == b) for b in range(layout.n_blocks)}
+    # rank 0 = least sensitive; ties broken by block index
+    order = sorted(block_scores, key=lambda b: (block_scores[b], b))
+    blocks = [{"block": b, "score": block_scores[b], "rank": order.index(b)} for b in range(layout.n_blocks)]
+    return {
+        "model": model_id,
+        "model_fingerprint": fingerprint,
+        "granularity": GRANULARITY,
+        "method": settings.method,
+        "settings_key": settings.key(fingerprint),
+        "calibration": {"source": settings.data, "n_samples": n_samples, "n_tokens": n_tokens,
+                        "with_images": settings.with_images, "seed": settings.seed,
+                        "batch_size": settings.batch_size, "max_length": settings.max_length,
+                        "loss": "mean next-token cross-entropy over the assistant reply tokens of each batch"},
+        "fp8_format": settings.fp8_format.value,
+        "n_blocks": layout.n_blocks,
+        "groups": groups,
+        "blocks": blocks,
+    }
+
+
+def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress = _no_progress,
+          device: str | torch.device | None = None) -> dict:
+    """Run one scoring pass and return the sensitivity document (not yet written)."""
+    torch.manual_seed(settings.seed)
+    device = device or next(loaded.model.parameters()).device
+    samples = calibration_samples(settings)
+    batches = make_batches(loaded.processor, samples, settings.batch_size, settings.max_length, device)
+    groups = list(loaded.layout.groups)
+    fn = gradient_scores if settings.method == "gradient" else kl_scores
+    module_scores = fn(loaded.model, groups, batches, settings.fp8_format, progress)
+    n_tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    return build_document(loaded.model_id, loaded.fingerprint, loaded.layout, settings, module_scores,
+                          len(samples), n_tokens)

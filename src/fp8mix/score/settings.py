@@ -1,0 +1,31 @@
+"""AutoQuant scoring settings: one validated object, hashed to name its cached scores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .fp8 import FP8Format
+
+
+class AutoQuantSettings(BaseModel):
+    """What decides a scoring pass's result. Equal settings share one pass."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["gradient", "kl_div"] = "gradient"
+    calib_samples: int = Field(128, ge=1, le=100_000)
+    seed: int = Field(0, ge=0)
+    with_images: bool = True
+    fp8_format: FP8Format = FP8Format.fp8_dynamic
+    batch_size: int = Field(8, ge=1, le=4096)
+    max_length: int = Field(1024, ge=16)
+    data: str = "embedded"
+
+    def key(self, model_fingerprint: str) -> str:
+        """A short hash of the settings and the model: the cache name of the scores they produce."""
+        doc = json.dumps({"model": model_fingerprint, **self.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(doc.encode()).hexdigest()[:16]
