@@ -131,14 +131,14 @@ def schemes(catalog: CatalogOpt = None, model: ModelOpt = None) -> None:
 @app.command()
 def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: Device = "cpu",
         calib_samples: CalibSamples = None, data: Data = None, text_only: TextOnly = False, method: Method = None,
-        seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False) -> None:
-    """Every stage in order: score, plan (export, check, eval and report follow)."""
-    from .pipeline import set_threads, stage_plan, stage_score
+        seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False,
+        stop_after: Annotated[Optional[str], typer.Option("--stop-after", help="Last stage to run")] = None) -> None:
+    """Every stage in order: score, plan, export, check, eval, report."""
+    from .pipeline import run_all, set_threads
 
     set_threads(threads)
     opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size)
-    stage_score(opts)
-    stage_plan(opts)
+    run_all(opts, stop_after)
     console.print(f"run directory: {out}")
 
 

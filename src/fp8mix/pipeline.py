@@ -40,11 +40,15 @@ class RunOptions:
 
 
 def _model_arg(opts: RunOptions) -> str | None:
-    """The model: the one passed, else the one recorded in run.json."""
+    """The model: the one passed, else the one recorded in run.json (None = the embedded model)."""
     if opts.model is not None:
         return opts.model
-    recorded = manifest.load(opts.run).get("model", {})
-    return recorded.get("path")
+    return manifest.load(opts.run).get("model", {}).get("path")
+
+
+def overrides(opts: RunOptions) -> dict:
+    """Scoring overrides: those recorded by earlier stages of this run, updated with the ones passed now."""
+    return {**manifest.load(opts.run).get("score_overrides", {}), **opts.score_overrides}
 
 
 def catalog_of(opts: RunOptions) -> tuple[Catalog, Path]:
@@ -64,8 +68,9 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
     model_id, path = loading.resolve(_model_arg(opts))
     fingerprint = loading.fingerprint(path)
     wanted = {}
+    over = overrides(opts)
     for name in catalog.schemes:
-        s = catalog.settings(name, **opts.score_overrides)
+        s = catalog.settings(name, **over)
         wanted.setdefault(s.key(fingerprint), s)
     done, loaded, timings = {}, None, {}
     for key, settings in wanted.items():
@@ -76,20 +81,22 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
             continue
         if loaded is None:
             t = time.time()
-            loaded = loading.load(str(path) if model_id != loading.EMBEDDED_ID else None, device=opts.device)
+            loaded = loading.load(None if model_id == loading.EMBEDDED_ID else str(path), device=opts.device)
             loaded.model_id = model_id
             timings["load_s"] = round(time.time() - t, 2)
         t = time.time()
         doc = score(loaded, settings, progress)
         timings[f"score_{key}_s"] = round(time.time() - t, 2)
         done[key] = write_json(out, "sensitivity", {**doc, "settings": settings.model_dump(mode="json")})
-    default_key = catalog.settings(next(iter(catalog.schemes)), **opts.score_overrides).key(fingerprint)
+    default_key = catalog.settings(next(iter(catalog.schemes)), **over).key(fingerprint)
     sens = read_json(done[default_key], "sensitivity")
     sens.pop("schema")
     write_json(opts.run / "sensitivity.json", "sensitivity", sens)
-    manifest.update(opts.run, model={"id": model_id, "path": str(path), "fingerprint": fingerprint},
-                    catalog={"path": str(cat_path)}, device=opts.device,
-                    seed=catalog.settings(next(iter(catalog.schemes)), **opts.score_overrides).seed,
+    embedded = model_id == loading.EMBEDDED_ID
+    manifest.update(opts.run, model={"id": model_id, "path": None if embedded else str(path),
+                                     "fingerprint": fingerprint},
+                    catalog={"path": None if opts.catalog is None else str(cat_path)}, device=opts.device,
+                    score_overrides=over, seed=catalog.settings(next(iter(catalog.schemes)), **over).seed,
                     stages={"score": {"keys": sorted(done), **timings}})
     return done
 
@@ -106,7 +113,7 @@ def stage_plan(opts: RunOptions) -> dict[str, Path]:
     fingerprint = manifest.load(opts.run).get("model", {}).get("fingerprint") or loading.fingerprint(path)
     out = {}
     for name in catalog.schemes:
-        key = catalog.settings(name, **opts.score_overrides).key(fingerprint)
+        key = catalog.settings(name, **overrides(opts)).key(fingerprint)
         sens_file = score_path(opts.run, key)
         sens = read_json(sens_file, "sensitivity", hint="run `fp8mix score` first")
         plan = plan_scheme(name, catalog, sens, layout, adapter, linears)
@@ -123,3 +130,16 @@ def require_run(run: Path) -> None:
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
+
+
+STAGES = ("score", "plan")
+
+
+def run_all(opts: RunOptions, stop_after: str | None = None) -> None:
+    if stop_after is not None and stop_after not in STAGES:
+        raise FP8MixError(f"unknown stage {stop_after!r}; stages: {', '.join(STAGES)}")
+    funcs = {"score": stage_score, "plan": stage_plan}
+    for name in STAGES:
+        funcs[name](opts)
+        if name == stop_after:
+            break

@@ -1,0 +1,123 @@
+import itertools
+import random
+
+import pytest
+
+from fp8mix.errors import FP8MixError
+from fp8mix.models import loading
+from fp8mix.plan.catalog import Rule, load_catalog
+from fp8mix.plan.planner import blocks_for_fraction, choose_groups, plan_scheme
+from fp8mix.plan.solver import solve_budget
+
+
+@pytest.fixture(scope="module")
+def skeleton():
+    net, adapter = loading.build_empty(loading.EMBEDDED)
+    return net, adapter, adapter.layout(net)
+
+
+def _sens(layout, block_scores, spread=None):
+    rng = random.Random(1)
+    groups = []
+    for g in layout.groups:
+        s = block_scores[g.block] * (spread[g.kind] if spread else 0.25) * (1 + 0.01 * rng.random())
+        groups.append({"name": g.name, "block": g.block, "kind": g.kind, "modules": list(g.modules),
+                       "params": g.params, "score": s})
+    totals = {b: sum(x["score"] for x in groups if x["block"] == b) for b in range(layout.n_blocks)}
+    order = sorted(totals, key=lambda b: (totals[b], b))
+    return {"settings_key": "k", "groups": groups,
+            "blocks": [{"block": b, "score": totals[b], "rank": order.index(b)} for b in totals]}
+
+
+@pytest.mark.parametrize("n, fractions, want", [(36, (0.25, 0.5, 1.0), (9, 18, 36)), (8, (0.25, 0.5, 1.0), (2, 4, 8)),
+                                                (28, (0.25,), (7,)), (3, (0.25, 0.5), (1, 2)), (10, (0.25,), (3,))])
+def test_fraction_rounds_half_up(n, fractions, want):
+    assert tuple(blocks_for_fraction(f, n) for f in fractions) == want
+
+
+def test_fraction_rule_takes_least_sensitive_whole_blocks(skeleton):
+    _, _, layout = skeleton
+    sens = _sens(layout, [9, 1, 5, 0.5, 3, 4, 8, 2])
+    chosen = choose_groups(Rule(blocks_fraction=0.25), sens, layout)
+    assert {layout.group(n).block for n in chosen} == {3, 1}
+    assert len(chosen) == 8  # whole blocks: 2 x 4 groups
+
+
+def test_fraction_ties_broken_by_block_index(skeleton):
+    _, _, layout = skeleton
+    sens = _sens(layout, [1.0] * 8)
+    for b in sens["blocks"]:
+        b["rank"] = b["block"]
+    chosen = choose_groups(Rule(blocks_fraction=0.5), sens, layout)
+    assert {layout.group(n).block for n in chosen} == {0, 1, 2, 3}
+
+
+def test_solver_is_exact_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(20):
+        n = 10
+        scores = [rng.random() ** 3 for _ in range(n)]
+        params = [rng.choice([1, 2, 4, 8]) * 1000 for _ in range(n)]
+        bits = rng.uniform(8, 15)
+        need = (16 - bits) / 8 * sum(params)
+        best = min((sum(s for s, on in zip(scores, pick) if on), pick)
+                   for pick in itertools.product([0, 1], repeat=n)
+                   if sum(p for p, on in zip(params, pick) if on) >= need - 1e-9)
+        got = solve_budget(scores, params, bits)
+        assert sum(p for p, on in zip(params, got) if on) >= need - 1e-6
+        assert sum(s for s, on in zip(scores, got) if on) == pytest.approx(best[0], rel=1e-6, abs=1e-12)
+
+
+def test_plans_never_split_fused_groups_and_ignore_is_vllm_safe(skeleton):
+    net, adapter, layout = skeleton
+    catalog, _ = load_catalog()
+    sens = _sens(layout, [9, 1, 5, 0.5, 3, 4, 8, 2], {"qkv": 0.4, "o": 0.1, "gate_up": 0.3, "down": 0.2})
+    linears = adapter.all_lm_linears(net)
+    for name, scheme in catalog.schemes.items():
+        plan = plan_scheme(name, catalog, sens, layout, adapter, linears)
+        fp8 = set(plan["fp8_modules"])
+        for g in layout.groups:
+            assert set(g.modules) <= fp8 or not set(g.modules) & fp8, g.name
+        assert sorted(fp8 | set(plan["bf16_modules"])) == sorted(linears)
+        assert "re:.*visual.*" in plan["ignore"] and "lm_head" in plan["ignore"]
+        explicit = [i for i in plan["ignore"] if i not in ("re:.*visual.*", "lm_head")]
+        assert all(i.startswith("model.layers.") for i in explicit)  # on-disk names, unfused
+        assert sorted(explicit) == sorted(adapter.to_disk(m) for m in plan["bf16_modules"])
+        if scheme.rule.effective_bits is not None:
+            assert plan["effective_bits"] <= scheme.rule.effective_bits + 1e-9
+    full = plan_scheme("fp8_autoquant_full", catalog, sens, layout, adapter, linears)
+    assert full["effective_bits"] == 8.0 and full["coverage"]["blocks_fp8"] == 8
+    bits12 = plan_scheme("fp8_autoquant_bits12", catalog, sens, layout, adapter, linears)
+    top50 = plan_scheme("fp8_autoquant_top50", catalog, sens, layout, adapter, linears)
+    # group granularity can only do as well as, or better than, whole blocks at the same budget
+    assert bits12["predicted_loss_increase"] <= top50["predicted_loss_increase"] + 1e-12
+
+
+@pytest.mark.parametrize("text, message", [
+    ("version: 1\nschemes: {a: {rule: {blocks_fraction: 0.5, effective_bits: 12}, rationale: x}}", "exactly one"),
+    ("version: 1\nschemes: {a: {rule: {}, rationale: x}}", "exactly one"),
+    ("version: 1\nschemes: {a: {rule: {blocks_fraction: 1.5}, rationale: x}}", "less than or equal to 1"),
+    ("version: 1\nschemes: {a: {rule: {blocks_fraction: 0.5}, rationale: x, colour: red}}", "colour"),
+    ("version: 1\nalways_bf16: [lm_head]\nschemes: {a: {rule: {blocks_fraction: 0.5}, rationale: x}}", "missing"),
+    ("version: 1\nschemes: {a: {rule: {blocks_fraction: 0.5}, rationale: x}\n", "not valid YAML"),
+    ("version: 1\nschemes: {a: {rule: {effective_bits: 6}, rationale: x}}", "greater than or equal to 8"),
+])
+def test_bad_catalogs_get_one_clear_error(tmp_path, text, message):
+    f = tmp_path / "cat.yaml"
+    f.write_text(text)
+    with pytest.raises(FP8MixError, match=message) as exc:
+        load_catalog(f)
+    assert str(f) in str(exc.value)
+
+
+def test_scheme_settings_merge_defaults_scheme_and_caller(tmp_path):
+    f = tmp_path / "cat.yaml"
+    f.write_text("version: 2\ndefaults: {autoquant: {calib_samples: 64}}\nschemes:\n"
+                 "  a: {rule: {blocks_fraction: 0.5}, rationale: x}\n"
+                 "  b: {rule: {blocks_fraction: 0.5}, rationale: x, autoquant: {method: kl_div}, fp8_format: fp8_static}\n")
+    cat, _ = load_catalog(f)
+    a, b = cat.settings("a"), cat.settings("b")
+    assert a.calib_samples == 64 and a.method == "gradient" and b.method == "kl_div"
+    assert b.fp8_format.value == "fp8_static"
+    assert a.key("m") != b.key("m") and cat.settings("a", seed=3).key("m") != a.key("m")
+    assert cat.settings("a").key("m") == cat.settings("a").key("m")

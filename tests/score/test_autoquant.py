@@ -1,0 +1,77 @@
+import torch
+from scipy.stats import spearmanr
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from conftest import tiny_random_config
+from fp8mix.models import Qwen2_5_VLAdapter
+from fp8mix.score.autoquant import gradient_scores, kl_scores
+from fp8mix.score.batches import calibration_samples, make_batches
+from fp8mix.score.fp8 import FP8Format, fp8_linear_forward
+from fp8mix.score.settings import AutoQuantSettings
+
+
+def _random_model_and_batches():
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_random_config()).eval()
+    ids = torch.randint(0, 400, (2, 3, 12))
+    batches = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
+    return model, batches
+
+
+def test_one_pass_equals_the_per_module_definition():
+    """The shared forward/backward gives, for every module, Σ(∂L/∂Y ⊙ (Y_fp8 − Y))² computed module by module."""
+    model, batches = _random_model_and_batches()
+    groups = list(Qwen2_5_VLAdapter().layout(model).groups)
+    got = gradient_scores(model, groups, batches, FP8Format.fp8_dynamic)
+    for name in [groups[0].modules[1], groups[6].modules[0], groups[-1].modules[0]]:
+        mod = model.get_submodule(name)
+        want = 0.0
+        for b in batches:
+            cap = {}
+            h = mod.register_forward_hook(lambda _m, a, o: cap.update(x=a[0], y=o))
+            emb = model.get_input_embeddings()
+            h2 = emb.register_forward_hook(lambda _m, _a, o: o.requires_grad_(True))
+            loss = model(**b, use_cache=False).loss
+            h.remove(), h2.remove()
+            (g,) = torch.autograd.grad(loss, cap["y"])
+            delta = fp8_linear_forward(cap["x"].detach(), mod.weight, mod.bias, "fp8_dynamic") - cap["y"].detach()
+            want += float((g.detach() * delta).square().sum())
+        assert abs(got[name] - want) <= 1e-5 * want, (name, got[name], want)
+    assert all(v > 0 for v in got.values())
+    assert all(p.grad is None for p in model.parameters())  # weights got no gradients
+
+
+def test_static_format_calibrates_and_scores():
+    model, batches = _random_model_and_batches()
+    groups = list(Qwen2_5_VLAdapter().layout(model).groups)
+    dyn = gradient_scores(model, groups, batches, FP8Format.fp8_dynamic)
+    sta = gradient_scores(model, groups, batches, FP8Format.fp8_static)
+    assert set(dyn) == set(sta) and all(v > 0 for v in sta.values())
+    assert dyn != sta
+
+
+def test_gradient_agrees_with_kl_on_the_embedded_model(embedded):
+    """Both methods find the same sensitive groups (block 0 above all) on the trained model."""
+    settings = AutoQuantSettings(calib_samples=8, batch_size=8)
+    batches = make_batches(embedded.processor, calibration_samples(settings), 8, 1024)
+    groups = list(embedded.layout.groups)
+    g = gradient_scores(embedded.model, groups, batches, FP8Format.fp8_dynamic)
+    k = kl_scores(embedded.model, groups, batches, FP8Format.fp8_dynamic)
+    gs = [sum(g[m] for m in grp.modules) for grp in groups]
+    ks = [k[grp.modules[0]] for grp in groups]
+    assert spearmanr(gs, ks)[0] >= 0.7
+    blocks = [sum(gs[i] for i, grp in enumerate(groups) if grp.block == b) for b in range(8)]
+    assert max(range(8), key=blocks.__getitem__) == 0
+
+
+def test_images_change_the_scores(embedded):
+    with_img = AutoQuantSettings(calib_samples=8)
+    text = AutoQuantSettings(calib_samples=8, with_images=False)
+    groups = list(embedded.layout.groups)
+    a = gradient_scores(embedded.model, groups, make_batches(embedded.processor, calibration_samples(with_img), 8,
+                                                             1024), FP8Format.fp8_dynamic)
+    b_samples = calibration_samples(text)
+    assert all(not s.images for s in b_samples)
+    b = gradient_scores(embedded.model, groups, make_batches(embedded.processor, b_samples, 8, 1024),
+                        FP8Format.fp8_dynamic)
+    assert a != b
