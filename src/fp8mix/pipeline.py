@@ -59,10 +59,41 @@ def score_path(run: Path, key: str) -> Path:
     return run / "scores" / f"{key}.json"
 
 
+class ScoreCache:
+    """Scoring passes cached in scores/<key>.json; the model is loaded on the first miss only."""
+
+    def __init__(self, opts: RunOptions, model_id: str, path: Path):
+        self.opts, self.model_id, self.path = opts, model_id, path
+        self.loaded = None
+        self.timings: dict[str, float] = {}
+
+    def model(self):
+        from .models import loading
+
+        if self.loaded is None:
+            t = time.time()
+            embedded = self.model_id == loading.EMBEDDED_ID
+            self.loaded = loading.load(None if embedded else str(self.path), device=self.opts.device)
+            self.loaded.model_id = self.model_id
+            self.timings["load_s"] = round(time.time() - t, 2)
+        return self.loaded
+
+    def get(self, key: str, settings) -> Path:
+        from .score.sensitivity import score
+
+        out = score_path(self.opts.run, key)
+        if out.is_file() and not self.opts.force:
+            console.print(f"scores {key}: cached ({settings.method}, {settings.calib_samples} samples)")
+            return out
+        t = time.time()
+        doc = score(self.model(), settings, progress)
+        self.timings[f"score_{key}_s"] = round(time.time() - t, 2)
+        return write_json(out, "sensitivity", {**doc, "settings": settings.model_dump(mode="json")})
+
+
 def stage_score(opts: RunOptions) -> dict[str, Path]:
     """Score once per distinct AutoQuant settings of the catalog; cached by the settings' hash."""
     from .models import loading
-    from .score.sensitivity import score
 
     catalog, cat_path = catalog_of(opts)
     model_id, path = loading.resolve(_model_arg(opts))
@@ -72,22 +103,9 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
     for name in catalog.schemes:
         s = catalog.settings(name, **over)
         wanted.setdefault(s.key(fingerprint), s)
-    done, loaded, timings = {}, None, {}
-    for key, settings in wanted.items():
-        out = score_path(opts.run, key)
-        if out.is_file() and not opts.force:
-            console.print(f"scores {key}: cached ({settings.method}, {settings.calib_samples} samples)")
-            done[key] = out
-            continue
-        if loaded is None:
-            t = time.time()
-            loaded = loading.load(None if model_id == loading.EMBEDDED_ID else str(path), device=opts.device)
-            loaded.model_id = model_id
-            timings["load_s"] = round(time.time() - t, 2)
-        t = time.time()
-        doc = score(loaded, settings, progress)
-        timings[f"score_{key}_s"] = round(time.time() - t, 2)
-        done[key] = write_json(out, "sensitivity", {**doc, "settings": settings.model_dump(mode="json")})
+    cache = ScoreCache(opts, model_id, path)
+    done = {key: cache.get(key, settings) for key, settings in wanted.items()}
+    timings = cache.timings
     default_key = catalog.settings(next(iter(catalog.schemes)), **over).key(fingerprint)
     sens = read_json(done[default_key], "sensitivity")
     sens.pop("schema")
@@ -132,14 +150,58 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-STAGES = ("score", "plan")
+def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
+    """Score the default setting under the study's configs, compare them, and run the held-out control."""
+    from .evaluate.stage import eval_samples
+    from .models import loading
+    from .score.batches import make_batches
+    from .score.study import consistently_sensitive, control, kind_patterns, rank_stability, study_configs
+
+    t0 = time.time()
+    catalog, _ = catalog_of(opts)
+    model_id, path = loading.resolve(_model_arg(opts))
+    fingerprint = loading.fingerprint(path)
+    base = catalog.settings(next(iter(catalog.schemes)), **overrides(opts))
+    cache = ScoreCache(opts, model_id, path)
+    docs, runs = {}, []
+    for label, settings in study_configs(base):
+        key = settings.key(fingerprint)
+        doc = read_json(cache.get(key, settings), "sensitivity")
+        docs[label] = doc
+        runs.append({"label": label, "settings_key": key, "settings": doc["settings"], "blocks": doc["blocks"],
+                     "groups": {g["name"]: g["score"] for g in doc["groups"]}})
+    loaded = cache.model()
+    samples = eval_samples(base.data, n_control)
+    batches = make_batches(loaded.processor, samples, 8, base.max_length, opts.device)
+    study = {
+        "stability": rank_stability(docs),
+        "consistently_sensitive_blocks": consistently_sensitive(docs),
+        "patterns": kind_patterns(docs["base"], loaded.layout.n_blocks),
+        "control": control(loaded.model, loaded.layout, docs["base"], batches, base.fp8_format, base.seed),
+        "control_samples": len(samples),
+    }
+    sens = read_json(opts.run / "sensitivity.json", "sensitivity", hint="run fp8mix score first")
+    sens.pop("schema")
+    sens.update(runs=runs, study=study)
+    write_json(opts.run / "sensitivity.json", "sensitivity", sens)
+    manifest.update(opts.run, stages={"study": {"seconds": round(time.time() - t0, 2), **cache.timings}})
+    return study
+
+
+STAGES = ("score", "study", "plan", "export", "check", "eval", "report")
 
 
 def run_all(opts: RunOptions, stop_after: str | None = None) -> None:
     if stop_after is not None and stop_after not in STAGES:
         raise FP8MixError(f"unknown stage {stop_after!r}; stages: {', '.join(STAGES)}")
-    funcs = {"score": stage_score, "plan": stage_plan}
+    import importlib
+
     for name in STAGES:
-        funcs[name](opts)
+        console.rule(f"[bold]{name}")
+        if name in ("score", "study", "plan"):
+            globals()[f"stage_{name}"](opts)
+        else:
+            module = importlib.import_module(f".{'evaluate' if name == 'eval' else name}.stage", __package__)
+            getattr(module, f"stage_{name}")(opts)
         if name == stop_after:
             break

@@ -76,6 +76,8 @@ class FamilyAdapter:
     group_members: dict[str, tuple[str, ...]] = LLAMA_STYLE_GROUPS
     # (in-memory prefix, on-disk prefix) pairs, most specific first
     disk_prefixes: tuple[tuple[str, str], ...] = ()
+    # (on-disk prefix, vLLM prefix) pairs: the module names vLLM's model class uses
+    vllm_prefixes: tuple[tuple[str, str], ...] = ()
     # The ignore entry that keeps the vision tower BF16 in vLLM: a regex vLLM does not remap, so it must match
     # vLLM's own names and both HF namings.
     vision_ignore: str = ""
@@ -86,6 +88,12 @@ class FamilyAdapter:
             if name == mem or name.startswith(mem + "."):
                 return disk + name[len(mem):]
         return name
+
+    def to_vllm(self, disk_name: str) -> str:
+        for disk, vllm in self.vllm_prefixes:
+            if disk_name == disk or disk_name.startswith(disk + "."):
+                return vllm + disk_name[len(disk):]
+        return disk_name
 
     def to_memory(self, name: str) -> str:
         for mem, disk in self.disk_prefixes:
@@ -144,6 +152,15 @@ class FamilyAdapter:
 
     def vision_reason(self, model: nn.Module) -> str:
         return "vision tower: out of scope (the language model is quantized)"
+
+    def vision_linears(self, model: nn.Module) -> list[str]:
+        if not self.vision_path:
+            return []
+        vis = model.get_submodule(self.vision_path)
+        return [f"{self.vision_path}.{n}" for n, m in vis.named_modules() if isinstance(m, nn.Linear)]
+
+    def all_linears(self, model: nn.Module) -> list[str]:
+        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
     def all_lm_linears(self, model: nn.Module) -> list[str]:
         """Every nn.Linear inside the decoder blocks, whether or not it is in a group."""

@@ -16,6 +16,8 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     lm_head_path = "lm_head"
     # transformers 5 keeps the hub layout on disk: model.layers.N…, visual.…, lm_head.
     disk_prefixes = (("model.language_model", "model"), ("model.visual", "visual"))
+    # vLLM's Qwen2_5_VLForConditionalGeneration (hf_to_vllm_mapper): model.X -> language_model.model.X
+    vllm_prefixes = (("model", "language_model.model"), ("visual", "visual"), ("lm_head", "language_model.lm_head"))
     vision_ignore = "re:.*visual.*"
 
     def vision_reason(self, model: nn.Module) -> str:

@@ -1,0 +1,190 @@
+"""Static check of a checkpoint against vLLM's loading rules, without vLLM.
+
+The rules come from vLLM's behaviour with compressed-tensors and ModelOpt checkpoints: fused layers (qkv_proj,
+gate_up_proj) must be one format; ignore entries in HF naming are remapped to vLLM's names but regexes are not;
+a vision tower that slips past the ignore list gets BF16 weights loaded into FP8 parameters; FP8 GEMMs need
+dimensions that are multiples of 16 (128 for block scales).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from pathlib import Path
+
+from safetensors import safe_open
+from torch import nn
+
+from ..models import FamilyAdapter, ModelLayout
+
+FP8 = "F8_E4M3"
+HIGH = {"BF16", "F16", "F32"}
+
+
+def _tensor_meta(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    meta = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                meta[k] = (sl.get_dtype(), list(sl.get_shape()))
+    return meta
+
+
+class Matcher:
+    """An ignore/exclude entry as vLLM reads it: `re:` regexes (compressed-tensors, full match, never remapped),
+    fnmatch globs (ModelOpt exclude_modules), or plain module names (remapped from either HF naming)."""
+
+    def __init__(self, entry: str):
+        self.entry = entry
+        self.kind = "regex" if entry.startswith("re:") else "glob" if any(c in entry for c in "*?[") else "name"
+        self.regex = None
+        if self.kind == "regex":
+            try:
+                self.regex = re.compile(entry[3:])
+            except re.error as exc:
+                self.error = f"ignore entry {entry!r} is not a valid regex ({exc})"
+                return
+        self.error = None
+
+    def matches(self, name: str) -> bool:
+        if self.error:
+            return False
+        if self.kind == "regex":
+            return self.regex.match(name) is not None  # vLLM: re.match against the layer name
+        if self.kind == "glob":
+            return fnmatch.fnmatchcase(name, self.entry) or fnmatch.fnmatchcase(name, self.entry + ".*")
+        return name == self.entry or name.startswith(self.entry + ".")
+
+
+def check_static(folder: Path, plan: dict, model: nn.Module, adapter: FamilyAdapter, layout: ModelLayout) -> dict:
+    """Returns {"ok", "failures": [...], "warnings": [...], "facts": {...}}."""
+    failures, warnings = [], []
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    entries = qc.get("ignore") if method == "compressed-tensors" else qc.get("exclude_modules")
+    if method not in ("compressed-tensors", "modelopt"):
+        failures.append(f"config.json quantization_config.quant_method is {method!r}; expected compressed-tensors "
+                        "or modelopt")
+        return {"ok": False, "failures": failures, "warnings": warnings, "facts": {}}
+    entries = list(entries or [])
+    matchers = [Matcher(e) for e in entries]
+    failures += [m.error for m in matchers if m.error]
+    if method == "compressed-tensors" and any(m.kind == "glob" for m in matchers):
+        failures += [f"ignore entry {m.entry!r} is a glob: compressed-tensors matches names or re: regexes only"
+                     for m in matchers if m.kind == "glob"]
+
+    linears = adapter.all_linears(model)
+    namings = {n: {"memory": n, "disk": adapter.to_disk(n), "vllm": adapter.to_vllm(adapter.to_disk(n))}
+               for n in linears}
+
+    def ignored(name: str, naming: str) -> bool:
+        return any(m.matches(namings[name][naming]) for m in matchers)
+
+    # 1. every ignore entry matches a real module; regexes must match the same modules under every naming
+    for m in matchers:
+        if m.error:
+            continue
+        if m.kind == "name":
+            if not any(m.matches(v) for n in linears for v in namings[n].values()):
+                failures.append(f"ignore entry {m.entry!r} matches no module in either HF naming")
+            continue
+        hits = {naming: {n for n in linears if m.matches(namings[n][naming])} for naming in ("memory", "disk", "vllm")}
+        if not hits["vllm"]:
+            failures.append(f"ignore entry {m.entry!r} matches no module under vLLM's names (e.g. "
+                            f"{namings[linears[0]]['vllm']}); vLLM does not remap regexes")
+        elif len({frozenset(v) for v in hits.values()}) > 1:
+            failures.append(f"ignore entry {m.entry!r} matches {len(hits['memory'])} modules in memory naming, "
+                            f"{len(hits['disk'])} on disk and {len(hits['vllm'])} under vLLM's names: vLLM does "
+                            "not remap regexes, write one that matches all namings (e.g. re:.*visual.*)")
+
+    # 2. the vision tower is excluded under vLLM's names
+    vision = adapter.vision_linears(model)
+    missed = [n for n in vision if not ignored(n, "vllm")]
+    if missed:
+        failures.append(f"{len(missed)} of {len(vision)} vision-tower linears are not ignored under vLLM's names "
+                        f"(first: {namings[missed[0]]['vllm']}): vLLM would load BF16 weights into FP8 parameters")
+
+    # 3. tensors agree with the config and the plan
+    meta = _tensor_meta(folder)
+    fp8_on_disk = set()
+    groups = qc.get("config_groups", {})
+    strategy = None
+    dynamic = True
+    if method == "compressed-tensors" and groups:
+        g0 = next(iter(groups.values()))
+        strategy = (g0.get("weights") or {}).get("strategy")
+        dynamic = bool((g0.get("input_activations") or {}).get("dynamic", True))
+    elif method == "modelopt":
+        dynamic = qc.get("quant_algo") != "FP8"
+        strategy = "channel" if dynamic else "tensor"
+    for n in linears:
+        disk = namings[n]["disk"]
+        w = meta.get(disk + ".weight")
+        if w is None:
+            if n == f"{adapter.lm_head_path}" and layout.tied_lm_head:
+                continue
+            failures.append(f"{disk}.weight is missing from the checkpoint")
+            continue
+        is_fp8 = w[0] == FP8
+        skip = ignored(n, "disk") or ignored(n, "vllm") or ignored(n, "memory")
+        if is_fp8:
+            fp8_on_disk.add(n)
+            if skip:
+                failures.append(f"{disk} is ignored by the config but stored in FP8")
+            scale = meta.get(disk + ".weight_scale")
+            if scale is None:
+                failures.append(f"{disk} is FP8 but has no weight_scale")
+            else:
+                out_f, in_f = w[1]
+                want = {"channel": [[out_f, 1]], "tensor": [[1], []],
+                        "block": [[math.ceil(out_f / 128), math.ceil(in_f / 128)]]}.get(strategy)
+                if want is not None and scale[1] not in want:
+                    failures.append(f"{disk}.weight_scale has shape {scale[1]}, the {strategy} strategy needs {want[0]}")
+                if scale[0] not in ("F32", "BF16", "F16"):
+                    failures.append(f"{disk}.weight_scale has dtype {scale[0]}")
+            has_in = disk + ".input_scale" in meta
+            if dynamic and has_in:
+                failures.append(f"{disk} has an input_scale but the config asks for dynamic activations")
+            if not dynamic and not has_in:
+                failures.append(f"{disk} has no input_scale but the config asks for static activations")
+            out_f, in_f = w[1]
+            mult = 128 if strategy == "block" else 16
+            if out_f % mult or in_f % mult:
+                failures.append(f"{disk} is {out_f}x{in_f}: FP8 {strategy} kernels need multiples of {mult}")
+        else:
+            if w[0] not in HIGH:
+                failures.append(f"{disk}.weight has dtype {w[0]}")
+            if not skip:
+                failures.append(f"{disk} is BF16 but not ignored: vLLM would expect FP8 weights for it")
+
+    # 4. fused groups are uniform
+    for g in layout.groups:
+        kinds = {m: (m in fp8_on_disk) for m in g.modules}
+        if len(set(kinds.values())) > 1:
+            fp8_m = [m.rsplit(".", 1)[1] for m, v in kinds.items() if v]
+            bf_m = [m.rsplit(".", 1)[1] for m, v in kinds.items() if not v]
+            failures.append(f"fused group {adapter.to_disk(g.name)} mixes FP8 ({', '.join(fp8_m)}) and BF16 "
+                            f"({', '.join(bf_m)}): vLLM fuses them into one layer")
+        ign = {m: ignored(m, "disk") or ignored(m, "vllm") for m in g.modules}
+        if len(set(ign.values())) > 1:
+            part = [m.rsplit(".", 1)[1] for m, v in ign.items() if v]
+            failures.append(f"ignore list splits fused group {adapter.to_disk(g.name)}: only {', '.join(part)} "
+                            "ignored")
+
+    # 5. the plan's FP8 set is what the checkpoint holds
+    if sorted(fp8_on_disk) != sorted(plan.get("fp8_modules", [])):
+        extra = sorted(fp8_on_disk - set(plan["fp8_modules"]))
+        lost = sorted(set(plan["fp8_modules"]) - fp8_on_disk)
+        failures.append(f"checkpoint FP8 layers differ from the plan: {len(extra)} extra, {len(lost)} missing")
+
+    for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if not (folder / name).is_file():
+            failures.append(f"{name} is missing: vLLM needs it to serve images and chat")
+    facts = {"quant_method": method, "strategy": strategy, "dynamic_activations": dynamic,
+             "fp8_linears": len(fp8_on_disk), "ignore_entries": len(entries)}
+    failures = list(dict.fromkeys(failures))
+    return {"ok": not failures, "failures": failures, "warnings": warnings, "facts": facts}

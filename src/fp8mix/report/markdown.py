@@ -1,0 +1,249 @@
+"""report.md and summary.json from the run directory's files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..models import GROUP_KINDS
+
+# Thresholds for the recommendations: FP8 W8A8 is expected to sit near llama.cpp's Q8_0 regime
+# (mean KL ~2e-4, >99 % top-1 agreement); an answer-accuracy drop within 1 point is noise at these sizes.
+KL_NEAR_LOSSLESS = 1e-3
+ACC_TOLERANCE = 0.01
+
+
+def _fmt(x, spec=".3g"):
+    return "n/a" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
+
+
+def _mb(n):
+    return f"{n / 1e6:,.2f}"
+
+
+def _verdict(check: dict | None, part: str) -> str:
+    if not check:
+        return "not run"
+    res = check[part]
+    if part == "static":
+        return "pass" if res["ok"] else "FAIL: " + "; ".join(res["failures"][:2])
+    if not res.get("ran"):
+        return f"skipped ({res.get('reason', '')})"
+    return "pass" if res["ok"] else "FAIL: " + "; ".join((res.get("errors") or [res.get("reason", "")])[:2])
+
+
+def recommendations(rows: dict[str, dict], plans: dict[str, dict], checks: dict[str, dict]) -> dict:
+    bf16 = rows["bf16"]
+    ok = [n for n in plans if checks.get(n, {}).get("ok", False)]
+
+    def acc_ok(n):
+        a, b = rows[n]["answer_accuracy"], bf16["answer_accuracy"]
+        return a != a or b != b or a >= b - ACC_TOLERANCE
+
+    safe = [n for n in ok if rows[n]["kl_mean"] <= KL_NEAR_LOSSLESS and acc_ok(n)]
+    smallest_safe = min(safe, key=lambda n: (plans[n]["effective_bits"], rows[n]["kl_mean"])) if safe else None
+    smallest = min(ok, key=lambda n: (plans[n]["effective_bits"], rows[n]["kl_mean"])) if ok else None
+    closest = min(ok, key=lambda n: rows[n]["kl_mean"]) if ok else None
+    return {"serve_default": smallest_safe, "smallest": smallest, "closest_to_bf16": closest,
+            "passing_checks": sorted(ok), "near_lossless": sorted(safe)}
+
+
+def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict], ev: dict, manifest: dict,
+           catalog_path: Path, figures: dict[str, str]) -> tuple[str, dict]:
+    rows = {r["scheme"]: r for r in ev["rows"]}
+    bf16 = rows["bf16"]
+    rec = recommendations(rows, plans, checks)
+    study = sens.get("study")
+    versions = manifest.get("versions", {})
+    model = manifest.get("model", {})
+    cal = sens["calibration"]
+    L = []
+    add = L.append
+    add(f"# fp8mix report: {sens['model']}\n")
+    add("## Overview\n")
+    add("FP8 halves the memory of a weight and runs matrix products on FP8 tensor cores, but not every layer of a "
+        "language model tolerates it equally. This report scores how much each language-model linear of the model "
+        "hurts the loss when it alone runs in FP8 (the AutoQuant loss-Fisher score Σ(∂L/∂Y ⊙ (Y_fp8 − Y))², as "
+        "NVIDIA ModelOpt's auto_quantize defines it), with **image+text** calibration data, and compares the FP8 "
+        "schemes derived from that one scoring pass: their coverage, their quality against BF16 on held-out data, "
+        "and whether vLLM loads and runs them. It weighs the comparison above naming a single winner.\n")
+    add(f"- Schemes: {len(plans)}; passing every vLLM check: {len(rec['passing_checks'])}.")
+    if rec["serve_default"]:
+        r = rows[rec["serve_default"]]
+        add(f"- Smallest near-lossless scheme: **{rec['serve_default']}** ({_fmt(plans[rec['serve_default']]['effective_bits'], '.2f')} "
+            f"effective bits, mean KL {_fmt(r['kl_mean'])}, top-1 agreement {_fmt(r['top1_agreement'], '.4f')}).")
+    if study:
+        add(f"- Blocks in the most sensitive quartile under every scoring config: "
+            f"{', '.join(map(str, study['consistently_sensitive_blocks'])) or 'none'}.")
+    add("")
+
+    add("## Setup\n")
+    add("| | |\n|---|---|")
+    add(f"| model | `{sens['model']}` ({model.get('fingerprint', '')[:12]}) |")
+    add(f"| LM blocks | {sens['n_blocks']} ({len(sens['groups'])} fused linear groups: qkv, o, gate_up, down) |")
+    add("| always BF16 | vision tower, embeddings, lm_head |")
+    add(f"| calibration | {cal['source']}: {cal['n_samples']} samples, {cal['n_tokens']} tokens, "
+        f"{'with images' if cal['with_images'] else 'text only'}, seed {cal['seed']}, batch {cal['batch_size']} |")
+    add(f"| loss | {cal['loss']} |")
+    add(f"| AutoQuant | method {sens['method']}, FP8 format {sens['fp8_format']}, granularity {sens['granularity']}, "
+        f"settings key `{sens['settings_key']}` |")
+    add(f"| evaluation | {ev['data']}: {ev['n_samples']} held-out samples (never used for calibration), "
+        f"{bf16['n_tokens']} token positions |")
+    add(f"| hardware | {manifest.get('hardware', manifest.get('device', 'cpu'))} |")
+    add(f"| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + " |")
+    live_versions = sorted({c["live"].get("vllm_version") for c in checks.values() if c["live"].get("vllm_version")})
+    add(f"| vLLM (live check) | {', '.join(live_versions) or 'not available'} |")
+    add(f"| catalog | [{catalog_path.name}]({catalog_path}) |\n")
+
+    add("## Schemes at a glance\n")
+    add("| scheme | rule | FP8 blocks | FP8 groups | eff. bits | LM weights MB | mean KL | p99 KL | top-1 agree | "
+        "ppl | answer acc. | vLLM static | vLLM live |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    add(f"| bf16 | — | 0/{sens['n_blocks']} | 0/{len(sens['groups'])} | 16.00 | {_mb(bf16['lm_weight_bytes'])} | 0 | 0 | 1 | "
+        f"{_fmt(bf16['ppl'], '.4f')} | {_fmt(bf16['answer_accuracy'], '.3f')} | — | — |")
+    for name, p in plans.items():
+        r, c = rows[name], checks.get(name)
+        cov = p["coverage"]
+        add(f"| {name} | {_rule(p)} | {cov['blocks_fp8']}/{cov['blocks_total']} | {cov['groups_fp8']}/{cov['groups_total']} | "
+            f"{p['effective_bits']:.2f} | {_mb(r['lm_weight_bytes'])} | {_fmt(r['kl_mean'])} | {_fmt(r['kl_p99'])} | "
+            f"{_fmt(r['top1_agreement'], '.4f')} | {_fmt(r['ppl'], '.4f')} | {_fmt(r['answer_accuracy'], '.3f')} | "
+            f"{_verdict(c, 'static')} | {_verdict(c, 'live')} |")
+    add("")
+    for key, caption in (("heatmap", "Sensitivity per block and group kind"),
+                         ("blocks", "Per-block sensitivity and the chosen sets"),
+                         ("pareto", "Quality against effective bits, with the controls")):
+        if key in figures:
+            add(f"![{caption}]({figures[key]})\n")
+
+    for name, p in plans.items():
+        r, c = rows[name], checks.get(name)
+        cov = p["coverage"]
+        add(f"## {name}\n")
+        add(f"Rule: {_rule(p)} (target {p['target_effective_bits']:g} effective bits). {p['rationale']}\n")
+        add("| | FP8 | BF16 | total |\n|---|---|---|---|")
+        add(f"| LM blocks (all groups FP8) | {cov['blocks_fp8']} | {cov['blocks_total'] - cov['blocks_fp8']} | {cov['blocks_total']} |")
+        add(f"| fused groups | {cov['groups_fp8']} | {cov['groups_total'] - cov['groups_fp8']} | {cov['groups_total']} |")
+        add(f"| linears | {cov['linears_fp8']} | {cov['linears_total'] - cov['linears_fp8']} | {cov['linears_total']} |")
+        frac = cov["lm_params_fp8_fraction"]
+        add(f"| LM linear parameters | {frac:.1%} | {1 - frac:.1%} | 100 % |\n")
+        kinds = {k: sum(1 for g in p['fp8_groups'] if g.endswith('.' + k)) for k in GROUP_KINDS}
+        add(f"Effective bits {p['effective_bits']:.2f}; predicted loss increase (sum of chosen scores) "
+            f"{p['predicted_loss_increase']:.3g}. FP8 blocks: {', '.join(map(str, p['fp8_blocks'])) or 'none'}. "
+            f"FP8 groups by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.items()) + ".\n")
+        add(f"Quality vs BF16: mean KL {_fmt(r['kl_mean'])}, p99 KL {_fmt(r['kl_p99'])}, top-1 agreement "
+            f"{_fmt(r['top1_agreement'], '.4f')}, perplexity {_fmt(r['ppl'], '.4f')} (BF16 {_fmt(bf16['ppl'], '.4f')}), "
+            f"answer accuracy {_fmt(r['answer_accuracy'], '.3f')} (BF16 {_fmt(bf16['answer_accuracy'], '.3f')}). "
+            f"LM weights {_mb(r['lm_weight_bytes'])} MB (BF16 {_mb(bf16['lm_weight_bytes'])} MB), checkpoint "
+            f"{_mb(r['checkpoint_bytes'])} MB. Files: [plan](plans/{name}.json), [checkpoint](checkpoints/{name}/), "
+            f"[check](checks/{name}.json).\n")
+
+    add("## Sensitivity study\n")
+    if not study:
+        add("Not run (`fp8mix score --study`).\n")
+    else:
+        st = study["stability"]
+        runs = {r["label"]: r for r in sens["runs"]}
+        add("The base setting was scored again under other configs, one change at a time:\n")
+        add("| config | method | samples | images | seed |\n|---|---|---|---|---|")
+        for label in st["labels"]:
+            s = runs[label]["settings"]
+            add(f"| {label} | {s['method']} | {s['calib_samples']} | {'yes' if s['with_images'] else 'no'} | {s['seed']} |")
+        add("")
+        add("Rank stability of the block scores (Spearman ρ / Kendall τ against the base config):\n")
+        add("| config | Spearman ρ | Kendall τ | Spearman ρ over groups |\n|---|---|---|---|")
+        for i, label in enumerate(st["labels"]):
+            add(f"| {label} | {st['spearman_blocks'][0][i]:.3f} | {st['kendall_blocks'][0][i]:.3f} | "
+                f"{st['spearman_groups'][0][i]:.3f} |")
+        add("")
+        if "stability" in figures:
+            add(f"![Rank stability]({figures['stability']})\n")
+        cs = study["consistently_sensitive_blocks"]
+        add(f"**Consistently sensitive blocks** (in the most sensitive quartile under every config): "
+            f"{', '.join(map(str, cs)) or 'none'}. Keep these in BF16 whatever the budget.\n")
+        pat = study["patterns"]
+        add("Per-kind pattern (base config): share of the total score and mean score per parameter:\n")
+        add("| kind | share of score | score per parameter |\n|---|---|---|")
+        for k in GROUP_KINDS:
+            add(f"| {k} | {pat['kind_share'][k]:.1%} | {pat['kind_score_per_param'][k]:.3g} |")
+        add("")
+        add("Depth pattern: " + ", ".join(f"{part} blocks {pat['depth_blocks'][part][0]}–{pat['depth_blocks'][part][-1]} "
+                                          f"hold {pat['depth_share'][part]:.1%}" for part in ("early", "middle", "late")) + ".\n")
+        add(f"**Control** on {study['control_samples']} held-out samples: mean KL(BF16 ‖ FP8) of the AutoQuant block "
+            "choice against 20 random choices of as many blocks, and the first-K / last-K heuristics:\n")
+        add("| coverage | blocks | AutoQuant | random (mean) | AutoQuant better than | first-K | last-K |")
+        add("|---|---|---|---|---|---|---|")
+        for frac, c in study["control"].items():
+            add(f"| {float(frac):.0%} | {c['blocks']} | {c['autoquant']:.3g} | {c['random_mean']:.3g} | "
+                f"{c['autoquant_beats_random']}/{len(c['random'])} random | {c['first_k']:.3g} | {c['last_k']:.3g} |")
+        add("")
+
+    add("## vLLM compatibility\n")
+    add("| scheme | checkpoint | static rule check | live vLLM load + generate | vLLM |\n|---|---|---|---|---|")
+    for name in plans:
+        c = checks.get(name)
+        add(f"| {name} | [checkpoints/{name}](checkpoints/{name}/) | {_verdict(c, 'static')} | {_verdict(c, 'live')} | "
+            f"{(c or {}).get('live', {}).get('vllm_version') or '—'} |")
+    add("\nThe static check applies vLLM's loading rules without vLLM: fused q/k/v and gate/up uniform, every ignore "
+        "entry matching a real module in either HF naming, no regex that vLLM would not remap, the vision tower "
+        "excluded, tensor dtypes, shapes and scales agreeing with the config, FP8 dimensions suiting the kernels. "
+        "The live check loads the checkpoint in vLLM, verifies that every planned FP8 layer holds FP8 weights and "
+        "every BF16 layer BF16, and generates greedily for an image+text and a text prompt. vLLM's CPU build runs "
+        "per-channel/per-token FP8 only; other formats get the static check there.\n")
+
+    add("## Recommendations\n")
+    if rec["serve_default"]:
+        add(f"- **Serving with vLLM, quality first:** `{rec['serve_default']}` — the smallest scheme whose mean KL stays "
+            f"under {KL_NEAR_LOSSLESS:g} nats/token and whose answer accuracy is within {ACC_TOLERANCE:.0%} of BF16.")
+    else:
+        add("- **Serving with vLLM, quality first:** no scheme met the near-lossless bar "
+            f"(mean KL ≤ {KL_NEAR_LOSSLESS:g}, accuracy within {ACC_TOLERANCE:.0%}); stay in BF16 or use the closest scheme below.")
+    if rec["smallest"]:
+        r = rows[rec["smallest"]]
+        add(f"- **Memory or throughput first:** `{rec['smallest']}` ({plans[rec['smallest']]['effective_bits']:.2f} bits, "
+            f"mean KL {_fmt(r['kl_mean'])}, accuracy {_fmt(r['answer_accuracy'], '.3f')} vs {_fmt(bf16['answer_accuracy'], '.3f')}).")
+    if rec["closest_to_bf16"]:
+        add(f"- **Closest to BF16:** `{rec['closest_to_bf16']}`.")
+    budget = [n for n in plans if "effective_bits" in plans[n]["rule"]]
+    for n in budget:
+        twin = [m for m in plans if "blocks_fraction" in plans[m]["rule"]
+                and abs(plans[m]["effective_bits"] - plans[n]["effective_bits"]) < 0.05]
+        for m in twin:
+            better = rows[n]["kl_mean"] < rows[m]["kl_mean"]
+            add(f"- At {plans[n]['effective_bits']:.0f} bits, group-level `{n}` has mean KL {_fmt(rows[n]['kl_mean'])} "
+                f"against whole-block `{m}` {_fmt(rows[m]['kl_mean'])}: "
+                f"{'prefer the group-level budget' if better else 'whole blocks do as well here'}.")
+    if study and study["consistently_sensitive_blocks"]:
+        add(f"- Blocks {', '.join(map(str, study['consistently_sensitive_blocks']))} are sensitive under every config: "
+            "a hand-written scheme should keep them BF16.")
+    add("- Schemes that fail a vLLM check must not be served; the check file names the reason.\n")
+
+    add("## Reproduce\n")
+    add("```")
+    add(manifest.get("command", "fp8mix run"))
+    add(f"fp8mix report --run {run}")
+    add("```\n")
+    add(f"Catalog: [{catalog_path}]({catalog_path}). Run files: [run.json](run.json), "
+        "[sensitivity.json](sensitivity.json), [eval.json](eval.json), [summary.json](summary.json), plans/, checks/.\n")
+    add("## Out of scope\n")
+    add("This report covers the language model. The vision tower, the embeddings and lm_head stay BF16 in every "
+        "scheme; quantizing the vision tower (whose MLP width is not a multiple of 16 in the released Qwen2.5-VL "
+        "models) is future work. Quality figures on the embedded tiny model show the method and the pipeline, not "
+        "the behaviour of a production model.\n")
+
+    summary = {
+        "model": sens["model"], "n_blocks": sens["n_blocks"], "recommendations": rec,
+        "consistently_sensitive_blocks": study["consistently_sensitive_blocks"] if study else None,
+        "bf16": {k: bf16[k] for k in ("ppl", "answer_accuracy", "lm_weight_bytes")},
+        "schemes": {n: {"effective_bits": plans[n]["effective_bits"], "coverage": plans[n]["coverage"],
+                        **{k: rows[n][k] for k in ("kl_mean", "kl_p99", "top1_agreement", "ppl", "answer_accuracy",
+                                                   "lm_weight_bytes", "checkpoint_bytes")},
+                        "vllm_static_ok": checks.get(n, {}).get("static", {}).get("ok"),
+                        "vllm_live_ok": checks.get(n, {}).get("live", {}).get("ok")} for n in plans},
+    }
+    return "\n".join(L), summary
+
+
+def _rule(p: dict) -> str:
+    r = p["rule"]
+    if "blocks_fraction" in r:
+        return f"least-sensitive {r['blocks_fraction']:.0%} of blocks"
+    return f"≤ {r['effective_bits']:g} bits by {r.get('granularity', 'block')}"

@@ -1,0 +1,40 @@
+"""`fp8mix report`: report.md, figures/*.png and summary.json."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .. import manifest
+from ..pipeline import RunOptions, catalog_of
+from ..rundir import read_json, write_json
+from . import figures
+from .markdown import render
+
+
+def stage_report(opts: RunOptions) -> Path:
+    t0 = time.time()
+    run = opts.run
+    catalog, cat_path = catalog_of(opts)
+    sens = read_json(run / "sensitivity.json", "sensitivity", hint="run fp8mix score first")
+    plans = {n: read_json(run / "plans" / f"{n}.json", "plan", hint="run fp8mix plan first") for n in catalog.schemes}
+    checks = {n: read_json(run / "checks" / f"{n}.json", "check") for n in catalog.schemes
+              if (run / "checks" / f"{n}.json").is_file()}
+    ev = read_json(run / "eval.json", "eval", hint="run fp8mix eval first")
+    man = manifest.load(run)
+    figs = {"heatmap": figures.heatmap(sens, run / "figures" / "heatmap.png"),
+            "blocks": figures.block_bars(sens, plans, run / "figures" / "blocks.png"),
+            "pareto": figures.pareto(ev["rows"], sens.get("study"), run / "figures" / "pareto.png")}
+    if sens.get("study"):
+        figs["stability"] = figures.stability(sens["study"], run / "figures" / "stability.png")
+    text, summary = render(run, sens, plans, checks, ev, man, cat_path,
+                           {k: str(v.relative_to(run)) for k, v in figs.items()})
+    fd, tmp = tempfile.mkstemp(dir=run, prefix=".report.md.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, run / "report.md")
+    write_json(run / "summary.json", "summary", summary)
+    manifest.update(run, stages={"report": {"seconds": round(time.time() - t0, 2)}})
+    return run / "report.md"

@@ -1,0 +1,113 @@
+"""The sensitivity study: the same model scored under several AutoQuant configs, how stable the block ranking is,
+which blocks are sensitive in every config, per-kind patterns, and a control that checks the AutoQuant choice
+against random and positional block choices on held-out data."""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import ExitStack
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import kendalltau, spearmanr
+
+from ..models import GROUP_KINDS, ModelLayout
+from .autoquant import QuantizedWeights, _fp8_group
+from .settings import AutoQuantSettings
+
+N_RANDOM = 20
+CONTROL_FRACTIONS = (0.25, 0.5)
+
+
+def study_configs(base: AutoQuantSettings) -> list[tuple[str, AutoQuantSettings]]:
+    """3 seeds, 2 sample counts, images vs text only, gradient vs KL (each varying one thing from the base)."""
+    half = max(1, base.calib_samples // 2)
+    return [
+        ("base", base),
+        (f"seed{base.seed + 1}", base.model_copy(update={"seed": base.seed + 1})),
+        (f"seed{base.seed + 2}", base.model_copy(update={"seed": base.seed + 2})),
+        (f"samples{half}", base.model_copy(update={"calib_samples": half})),
+        ("text_only", base.model_copy(update={"with_images": not base.with_images})
+         if base.with_images else base.model_copy(update={"with_images": True})),
+        ("kl_div" if base.method == "gradient" else "gradient",
+         base.model_copy(update={"method": "kl_div" if base.method == "gradient" else "gradient"})),
+    ]
+
+
+def _block_vector(doc: dict) -> list[float]:
+    return [b["score"] for b in sorted(doc["blocks"], key=lambda b: b["block"])]
+
+
+def rank_stability(docs: dict[str, dict]) -> dict:
+    labels = list(docs)
+    vecs = {k: _block_vector(d) for k, d in docs.items()}
+    gvecs = {k: [g["score"] for g in d["groups"]] for k, d in docs.items()}
+    sp = [[float(spearmanr(vecs[a], vecs[b])[0]) for b in labels] for a in labels]
+    kt = [[float(kendalltau(vecs[a], vecs[b])[0]) for b in labels] for a in labels]
+    gsp = [[float(spearmanr(gvecs[a], gvecs[b])[0]) for b in labels] for a in labels]
+    return {"labels": labels, "spearman_blocks": sp, "kendall_blocks": kt, "spearman_groups": gsp}
+
+
+def consistently_sensitive(docs: dict[str, dict]) -> list[int]:
+    """Blocks in the most sensitive quartile of every config."""
+    n = len(next(iter(docs.values()))["blocks"])
+    q = max(1, math.ceil(n / 4))
+    sets = [{b["block"] for b in d["blocks"] if b["rank"] >= n - q} for d in docs.values()]
+    return sorted(set.intersection(*sets))
+
+
+def kind_patterns(doc: dict, n_blocks: int) -> dict:
+    """Share of the total score per group kind, and per third of the network (early / middle / late)."""
+    total = sum(g["score"] for g in doc["groups"]) or 1.0
+    kinds = {k: sum(g["score"] for g in doc["groups"] if g["kind"] == k) / total for k in GROUP_KINDS}
+    per_param = {k: float(np.mean([g["score"] / g["params"] for g in doc["groups"] if g["kind"] == k]))
+                 for k in GROUP_KINDS}
+    thirds = np.array_split(np.arange(n_blocks), 3)
+    blocks = _block_vector(doc)
+    parts = {name: sum(blocks[i] for i in idx) / total for name, idx in zip(("early", "middle", "late"), thirds)}
+    return {"kind_share": kinds, "kind_score_per_param": per_param, "depth_share": parts,
+            "depth_blocks": {name: [int(i) for i in idx] for name, idx in zip(("early", "middle", "late"), thirds)}}
+
+
+@torch.no_grad()
+def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, seed: int = 0) -> dict:
+    """Held-out KL(BF16 ‖ FP8 choice) of the AutoQuant block choice at each control coverage, against N_RANDOM
+    random choices of as many blocks, the first-K and the last-K blocks."""
+    from ..plan.planner import blocks_for_fraction
+
+    qw = QuantizedWeights(model, [m for g in layout.groups for m in g.modules], fmt)
+    qw.calibrate(model, batches)
+    refs = [F.log_softmax(model(**_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
+            for b in batches]
+
+    def kl_of(blocks: set[int]) -> float:
+        tot, n = 0.0, 0
+        with ExitStack() as stack:
+            for g in layout.groups:
+                if g.block in blocks:
+                    stack.enter_context(_fp8_group(qw, g))
+            for b, ref in zip(batches, refs):
+                lp = F.log_softmax(model(**_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
+                tot += float(F.kl_div(lp, ref, reduction="sum", log_target=True))
+                n += int(ref.shape[0])
+        return tot / max(n, 1)
+
+    rng = random.Random(f"fp8mix-control:{seed}")
+    n = layout.n_blocks
+    out = {}
+    for frac in CONTROL_FRACTIONS:
+        k = blocks_for_fraction(frac, n)
+        auto = {b["block"] for b in doc["blocks"] if b["rank"] < k}
+        rand = [kl_of(set(rng.sample(range(n), k))) for _ in range(N_RANDOM)]
+        a = kl_of(auto)
+        out[f"{frac:.2f}"] = {"blocks": k, "autoquant": a, "autoquant_blocks": sorted(auto),
+                              "random": rand, "random_mean": float(np.mean(rand)),
+                              "autoquant_beats_random": int(sum(a < r for r in rand)),
+                              "first_k": kl_of(set(range(k))), "last_k": kl_of(set(range(n - k, n)))}
+    return out
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
