@@ -67,13 +67,18 @@ def _options(run, model=None, catalog=None, device="cpu", force=False, calib_sam
 @app.command()
 def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: Device = "cpu",
           calib_samples: CalibSamples = None, data: Data = None, text_only: TextOnly = False, method: Method = None,
-          seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False) -> None:
+          seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False,
+          study: Annotated[bool, typer.Option("--study", help="Also score under the study's configs (seeds, "
+                                                              "sample counts, text only, KL) and run the control")]
+          = False) -> None:
     """Score every LM linear group's FP8 sensitivity (AutoQuant) once per distinct catalog setting."""
-    from .pipeline import set_threads, stage_score
+    from .pipeline import set_threads, stage_score, stage_study
 
     set_threads(threads)
-    done = stage_score(_options(run, model, catalog, device, force, calib_samples, data, text_only, method, seed,
-                                batch_size))
+    opts = _options(run, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size)
+    done = stage_score(opts)
+    if study:
+        stage_study(opts)
     console.print(f"wrote {run / 'sensitivity.json'} ({len(done)} scoring pass(es) in {run / 'scores'})")
 
 
@@ -98,6 +103,76 @@ def plan(run: Run, catalog: CatalogOpt = None, calib_samples: CalibSamples = Non
         table.add_row(name, f"{c['blocks_fp8']}/{c['blocks_total']}", f"{c['groups_fp8']}/{c['groups_total']}",
                       f"{p['effective_bits']:.2f}", f"{p['predicted_loss_increase']:.3g}")
     console.print(table)
+
+
+@app.command()
+def export(run: Run, scheme: Annotated[Optional[str], typer.Option("--scheme", help="One scheme (default: all)")] = None,
+           fmt: Annotated[str, typer.Option("--format", help="compressed-tensors or modelopt")] = "compressed-tensors",
+           device: Device = "cpu", force: Force = False) -> None:
+    """Write one vLLM-loadable checkpoint per plan to checkpoints/<scheme>/."""
+    from .export.stage import stage_export
+    from .pipeline import require_run
+
+    require_run(run)
+    if fmt not in ("compressed-tensors", "modelopt"):
+        raise FP8MixError(f"unknown --format {fmt!r}; use compressed-tensors or modelopt")
+    stage_export(_options(run, device=device, force=force), scheme=scheme, fmt=fmt)
+    console.print(f"checkpoints in {run / 'checkpoints'}")
+
+
+@app.command()
+def check(run: Run, live: Annotated[bool, typer.Option("--live/--no-live", help="Also load and run each checkpoint "
+                                                                               "in vLLM where vLLM is importable")]
+          = True, device: Device = "cpu") -> None:
+    """Check every checkpoint against vLLM's loading rules, then in vLLM itself; non-zero exit on a failure."""
+    from .check.stage import stage_check
+    from .pipeline import require_run
+
+    require_run(run)
+    results = stage_check(_options(run, device=device), live=live)
+    table = Table(title="vLLM compatibility")
+    for col in ("scheme", "static", "live", "reasons"):
+        table.add_column(col)
+    for name, r in results.items():
+        live_r = r["live"]
+        table.add_row(name, "pass" if r["static"]["ok"] else "FAIL",
+                      "pass" if live_r["ok"] else "FAIL" if live_r["ok"] is False else "skipped",
+                      "; ".join(r["static"]["failures"][:2] + live_r.get("errors", [])[:2]
+                                + ([live_r["reason"]] if live_r.get("reason") else [])))
+    console.print(table)
+    failed = [n for n, r in results.items() if not r["ok"]]
+    if failed:
+        raise FP8MixError(f"{len(failed)} checkpoint(s) failed the vLLM check: {', '.join(failed)} (see {run / 'checks'})")
+
+
+@app.command(name="eval")
+def eval_(run: Run, eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out samples")] = 64,
+          device: Device = "cpu", threads: Threads = None) -> None:
+    """Evaluate BF16 and every exported scheme on the held-out set: KL, top-1 agreement, perplexity, accuracy."""
+    from .evaluate.stage import stage_eval
+    from .pipeline import require_run, set_threads
+
+    require_run(run)
+    set_threads(threads)
+    doc = stage_eval(_options(run, device=device), eval_samples)
+    table = Table(title=f"quality vs BF16 ({doc['n_samples']} held-out samples)")
+    for col in ("scheme", "eff. bits", "mean KL", "p99 KL", "top-1", "ppl", "accuracy", "LM MB"):
+        table.add_column(col)
+    for r in doc["rows"]:
+        table.add_row(r["scheme"], f"{r['effective_bits']:.2f}", f"{r['kl_mean']:.3g}", f"{r['kl_p99']:.3g}",
+                      f"{r['top1_agreement']:.4f}", f"{r['ppl']:.4f}", f"{r['answer_accuracy']:.3f}",
+                      f"{r['lm_weight_bytes'] / 1e6:.2f}")
+    console.print(table)
+
+
+@app.command()
+def report(run: Run) -> None:
+    """Write report.md, figures/*.png and summary.json from the run's files."""
+    from .pipeline import require_run
+    from .report.stage import stage_report
+
+    require_run(run)
+    console.print(f"report: {stage_report(_options(run))}")
 
 
 @app.command()
@@ -140,6 +215,8 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
     opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size)
     run_all(opts, stop_after)
     console.print(f"run directory: {out}")
+    if (out / "report.md").is_file() and stop_after in (None, "report"):
+        console.print(f"[bold]report: {out / 'report.md'}[/]")
 
 
 def main() -> None:

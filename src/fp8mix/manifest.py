@@ -22,6 +22,24 @@ def versions() -> dict:
             "transformers": transformers.__version__, "compressed_tensors": compressed_tensors.__version__}
 
 
+def hardware(device: str) -> str:
+    import os
+
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({torch.cuda.device_count()} GPU(s))"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
 def load(run: Path) -> dict:
     path = run / "run.json"
     return read_json(path, KIND) if path.is_file() else {"stages": {}}

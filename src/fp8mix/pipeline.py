@@ -114,6 +114,7 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
     manifest.update(opts.run, model={"id": model_id, "path": None if embedded else str(path),
                                      "fingerprint": fingerprint},
                     catalog={"path": None if opts.catalog is None else str(cat_path)}, device=opts.device,
+                    hardware=manifest.hardware(opts.device),
                     score_overrides=over, seed=catalog.settings(next(iter(catalog.schemes)), **over).seed,
                     stages={"score": {"keys": sorted(done), **timings}})
     return done

@@ -47,9 +47,11 @@ def block_bars(sens: dict, plans: dict[str, dict], path: Path) -> Path:
     ax.bar(x, scores, color="#9aa5b1", label="BF16 in every fraction scheme")
     fractions = [(n, p) for n, p in plans.items() if "blocks_fraction" in p["rule"] and p["rule"]["blocks_fraction"] < 1]
     colors = ["#1b9e77", "#7570b3", "#d95f02", "#e7298a"]
-    for i, (name, p) in enumerate(sorted(fractions, key=lambda t: -t[1]["rule"]["blocks_fraction"])):
+    ordered = sorted(fractions, key=lambda t: -t[1]["rule"]["blocks_fraction"])
+    for i, (name, p) in enumerate(ordered):
         chosen = p["fp8_blocks"]
-        ax.bar(x[chosen], scores[chosen], color=colors[i % len(colors)], label=f"FP8 in {name}")
+        label = f"FP8 in {name}" + (" (and larger fractions)" if i > 0 else "")
+        ax.bar(x[chosen], scores[chosen], color=colors[i % len(colors)], label=label)
     ax.set_yscale("log")
     ax.set_xticks(x, [str(b["block"]) for b in blocks], fontsize=7 if len(blocks) > 20 else 9)
     ax.set_xlabel("LM block")
@@ -77,7 +79,7 @@ def stability(study: dict, path: Path) -> Path:
 
 
 def pareto(rows: list[dict], study: dict | None, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     schemes = [r for r in rows if r["scheme"] != "bf16"]
     for r in schemes:
         ax.scatter(r["effective_bits"], max(r["kl_mean"], 1e-9), color="#d95f02", zorder=3)
@@ -97,5 +99,5 @@ def pareto(rows: list[dict], study: dict | None, path: Path) -> Path:
     ax.set_ylabel("mean KL(BF16 || scheme), nats/token")
     ax.invert_xaxis()
     ax.set_title("Quality vs size: schemes and controls")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

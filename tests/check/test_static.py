@@ -1,0 +1,59 @@
+"""The static vLLM rule check passes every exported scheme and catches the classic broken variants."""
+
+from conftest import broken_copy, plan_of
+from fp8mix.check.static import check_static
+from fp8mix.plan.catalog import load_catalog
+
+
+def test_every_exported_scheme_passes(check_run, skeleton):
+    net, adapter, layout = skeleton
+    for name in load_catalog()[0].schemes:
+        res = check_static(check_run.run / "checkpoints" / name, plan_of(check_run.run, name), net, adapter, layout)
+        assert res["ok"], (name, res["failures"])
+
+
+def _some_fp8_block(plan):
+    return plan["fp8_blocks"][0]
+
+
+def test_q_proj_ignored_alone_is_caught(check_run, skeleton, tmp_path):
+    net, adapter, layout = skeleton
+    plan = plan_of(check_run.run, "fp8_autoquant_full")
+    q = f"model.layers.{_some_fp8_block(plan)}.self_attn.q_proj"
+    bad = broken_copy(check_run.run / "checkpoints" / "fp8_autoquant_full", tmp_path / "bad",
+                      ignore_edit=lambda ign: ign + [q], bf16_modules=[q])
+    res = check_static(bad, plan, net, adapter, layout)
+    assert not res["ok"]
+    text = " | ".join(res["failures"])
+    assert f"fused group model.layers.{_some_fp8_block(plan)}.self_attn.qkv mixes FP8 (k_proj, v_proj) and BF16 (q_proj)" in text
+    assert "ignore list splits fused group" in text
+
+
+def test_vision_regex_in_one_naming_is_caught(check_run, skeleton, tmp_path):
+    net, adapter, layout = skeleton
+    plan = plan_of(check_run.run, "fp8_autoquant_top50")
+    bad = broken_copy(check_run.run / "checkpoints" / "fp8_autoquant_top50", tmp_path / "bad",
+                      ignore_edit=lambda ign: [e if e != "re:.*visual.*" else r"re:model\.visual\..*" for e in ign])
+    res = check_static(bad, plan, net, adapter, layout)
+    assert not res["ok"]
+    text = " | ".join(res["failures"])
+    assert r"ignore entry 're:model\\.visual\\..*' matches no module under vLLM's names" in text
+    assert "vision-tower linears are not ignored under vLLM's names" in text
+
+
+def test_ignore_entry_matching_nothing_is_caught(check_run, skeleton, tmp_path):
+    net, adapter, layout = skeleton
+    plan = plan_of(check_run.run, "fp8_autoquant_top25")
+    bad = broken_copy(check_run.run / "checkpoints" / "fp8_autoquant_top25", tmp_path / "bad",
+                      ignore_edit=lambda ign: ign + ["model.layers.99.mlp.down_proj"])
+    res = check_static(bad, plan, net, adapter, layout)
+    assert "ignore entry 'model.layers.99.mlp.down_proj' matches no module in either HF naming" in res["failures"]
+
+
+def test_missing_processor_file_is_caught(check_run, skeleton, tmp_path):
+    net, adapter, layout = skeleton
+    plan = plan_of(check_run.run, "fp8_autoquant_top25")
+    bad = broken_copy(check_run.run / "checkpoints" / "fp8_autoquant_top25", tmp_path / "bad")
+    (bad / "preprocessor_config.json").unlink()
+    res = check_static(bad, plan, net, adapter, layout)
+    assert any("preprocessor_config.json is missing" in f for f in res["failures"])
