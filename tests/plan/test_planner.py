@@ -81,8 +81,11 @@ def test_plans_never_split_fused_groups_and_ignore_is_vllm_safe(skeleton):
         assert sorted(fp8 | set(plan["bf16_modules"])) == sorted(linears)
         assert "re:.*visual.*" in plan["ignore"] and "lm_head" in plan["ignore"]
         explicit = [i for i in plan["ignore"] if i not in ("re:.*visual.*", "lm_head")]
-        assert all(i.startswith("model.layers.") for i in explicit)  # on-disk names, unfused
-        assert sorted(explicit) == sorted(adapter.to_disk(m) for m in plan["bf16_modules"])
+        assert not any(i.endswith(("qkv", "gate_up", "qkv_proj", "gate_up_proj")) for i in explicit)  # unfused
+        disk = [i for i in explicit if i.startswith("model.layers.")]
+        memory = [i for i in explicit if i.startswith("model.language_model.layers.")]
+        assert sorted(disk) == sorted(adapter.to_disk(m) for m in plan["bf16_modules"])
+        assert sorted(memory) == sorted(plan["bf16_modules"]) and len(disk) + len(memory) == len(explicit)
         if scheme.rule.effective_bits is not None:
             assert plan["effective_bits"] <= scheme.rule.effective_bits + 1e-9
     full = plan_scheme("fp8_autoquant_full", catalog, sens, layout, adapter, linears)

@@ -49,7 +49,10 @@ def plan_scheme(name: str, catalog: Catalog, sens: dict, layout: ModelLayout, ad
     total = layout.lm_linear_params
     blocks_fp8 = sorted(b for b in range(layout.n_blocks)
                         if all(g.name in fp8_groups for g in layout.groups_of_block(b)))
-    ignore = sorted(adapter.to_disk(m) for m in bf16_modules) + [adapter.vision_ignore, adapter.lm_head_path]
+    # Each BF16 linear by its on-disk name (what vLLM maps) and its in-memory name (what transformers matches
+    # when it reloads the checkpoint without dequantizing); the vision tower by a regex that matches in every naming.
+    ignore = sorted({adapter.to_disk(m) for m in bf16_modules} | set(bf16_modules)) + [adapter.vision_ignore,
+                                                                                       adapter.lm_head_path]
     return {
         "scheme": name,
         "catalog_version": catalog.version,

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import LinearGroup
-from .fp8 import FP8_DTYPE, FP8Format, fp8_linear_forward, quantize_weight, static_input_scale
+from . import fast_fp8
+from .fp8 import FP8_DTYPE, FP8Format, quantize_weight, static_input_scale
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -65,7 +66,7 @@ class QuantizedWeights:
         """The module's output with its weight and input in FP8."""
         w_fp8, w_scale = self.weights[name]
         bias = self.modules[name].bias
-        return fp8_linear_forward(x, w_fp8, bias, self.fmt, self.input_scales[name], weight_scale=w_scale)
+        return fast_fp8.linear_forward(x, w_fp8, bias, self.fmt, self.input_scales[name], weight_scale=w_scale)
 
 
 def _inputs(batch: dict) -> dict:

@@ -1,0 +1,138 @@
+"""The export stage: every plan of a run (or one scheme) as a checkpoint under ``checkpoints/``.
+
+``checkpoints/<scheme>/`` (compressed-tensors) or ``checkpoints/<scheme>-modelopt/``. The model is loaded once, in
+BF16, and only if some checkpoint is missing or stale: a checkpoint whose ``fp8mix_plan.json`` records the same
+export key (plan sha256, writer, model fingerprint, fp8_static calibration settings) is kept unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .. import manifest
+from ..errors import FP8MixError
+from ..pipeline import RunOptions, _model_arg, catalog_of, console, progress, require_run
+from ..rundir import read_json
+from ..score.fp8 import FP8Format
+from .compressed_tensors import (
+    EXPORT_VERSION,
+    calibrate_input_scales,
+    export_checkpoint,
+    export_key,
+    plan_format,
+    read_marker,
+)
+from .modelopt import export_modelopt, quant_algo
+
+FORMATS = {"compressed-tensors": ("", export_checkpoint), "modelopt": ("-modelopt", export_modelopt)}
+
+
+def checkpoint_dir(run: Path, scheme: str, fmt: str = "compressed-tensors") -> Path:
+    return Path(run) / "checkpoints" / f"{scheme}{FORMATS[fmt][0]}"
+
+
+def _plans(run: Path, scheme: str | None) -> dict[str, dict]:
+    files = sorted((run / "plans").glob("*.json"))
+    if not files:
+        raise FP8MixError(f"{run / 'plans'} has no plans; run `fp8mix plan --run {run}` first")
+    plans = {f.stem: read_json(f, "plan") for f in files}
+    if scheme is not None:
+        if scheme not in plans:
+            raise FP8MixError(f"no plan for scheme {scheme!r} in {run / 'plans'}; plans: {', '.join(plans)}")
+        plans = {scheme: plans[scheme]}
+    return plans
+
+
+def _overrides(opts: RunOptions) -> dict:
+    """Scoring overrides recorded in run.json, updated with those passed now (pipeline.overrides)."""
+    from .. import pipeline
+
+    fn = getattr(pipeline, "overrides", None)
+    return fn(opts) if fn is not None else dict(opts.score_overrides)
+
+
+def _calibration(opts: RunOptions, catalog, name: str):
+    """The AutoQuant calibration settings of a scheme: fp8_static input scales are calibrated on the same data."""
+    from ..score.settings import AutoQuantSettings
+
+    over = _overrides(opts)
+    if name in catalog.schemes:
+        return catalog.settings(name, **over)
+    return AutoQuantSettings(**over)
+
+
+def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compressed-tensors") -> dict[str, Path]:
+    """Export every plan (or one scheme) of the run; returns {scheme: checkpoint folder}."""
+    from ..models import loading
+    from ..score.batches import calibration_samples, make_batches
+
+    if fmt not in FORMATS:
+        raise FP8MixError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    require_run(opts.run)
+    plans = _plans(opts.run, scheme)
+    if fmt == "modelopt":
+        refused = [n for n, p in plans.items() if plan_format(p) is FP8Format.fp8_block]
+        if scheme is not None and refused:
+            quant_algo(plans[scheme])  # raises the clear error
+        for n in refused:
+            console.print(f"export {n}: skipped, fp8_block has no ModelOpt format (export it as compressed-tensors)")
+            plans.pop(n)
+    catalog, _ = catalog_of(opts)
+    model_arg = _model_arg(opts)
+    model_id, path = loading.resolve(model_arg)
+    fingerprint = manifest.load(opts.run).get("model", {}).get("fingerprint") or loading.fingerprint(path)
+
+    todo, out, record = {}, {}, {}
+    for name, plan in plans.items():
+        dest = checkpoint_dir(opts.run, name, fmt)
+        calib = None
+        if plan_format(plan) is FP8Format.fp8_static:
+            calib = _calibration(opts, catalog, name).model_dump(mode="json")
+        key = export_key(plan, fmt, fingerprint, calib)
+        marker = read_marker(dest) if dest.is_dir() else None
+        out[name] = dest
+        if marker and marker.get("export_key") == key and not opts.force:
+            console.print(f"export {name}: up to date ({dest})")
+            record[name] = {"path": str(dest), "skipped": True}
+            continue
+        todo[name] = (plan, dest, calib)
+
+    timings: dict = {}
+    if todo:
+        t = time.time()
+        loaded = loading.load(str(path) if model_id != loading.EMBEDDED_ID else None, device=opts.device,
+                              dtype=torch.bfloat16)
+        loaded.model_id = model_id
+        timings["load_s"] = round(time.time() - t, 2)
+        writer = FORMATS[fmt][1]
+        scales_cache: dict[str, dict] = {}   # calibration key -> input scales of every LM linear
+        for name in progress(list(todo), f"exporting {len(todo)} checkpoint(s) ({fmt})"):
+            plan, dest, calib = todo[name]
+            t = time.time()
+            scales = None
+            if calib is not None:
+                settings = _calibration(opts, catalog, name)
+                k = settings.key(fingerprint)
+                if k not in scales_cache:
+                    torch.manual_seed(settings.seed)
+                    batches = make_batches(loaded.processor, calibration_samples(settings), settings.batch_size,
+                                           settings.max_length, opts.device)
+                    linears = [m for g in loaded.layout.groups for m in g.modules]
+                    tc = time.time()
+                    scales_cache[k] = calibrate_input_scales(loaded.model, linears, batches)
+                    timings[f"calibrate_{k}_s"] = round(time.time() - tc, 2)
+                scales = scales_cache[k]
+            writer(loaded, plan, dest, input_scales=scales, calibration=calib)
+            seconds = round(time.time() - t, 2)
+            record[name] = {"path": str(dest), "seconds": seconds, "skipped": False}
+            console.print(f"export {name}: wrote {dest} in {seconds:.1f} s")
+
+    previous = manifest.load(opts.run).get("stages", {}).get("export", {})
+    checkpoints = dict(previous.get("checkpoints", {}))
+    checkpoints.update({f"{n}{FORMATS[fmt][0]}": {**r, "format": fmt} for n, r in record.items()})
+    manifest.update(opts.run, stages={"export": {"checkpoints": checkpoints, "export_version": EXPORT_VERSION,
+                                                 **timings}})
+    return out
