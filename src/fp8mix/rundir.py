@@ -21,10 +21,13 @@ def write_json(path: Path, kind: str, doc: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"schema": SCHEMA.format(kind=kind), **doc}
+    text = dumps(doc)
+    if path.is_file() and path.read_text() == text:  # unchanged: keep the file (and its time) as it is
+        return path
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(dumps(doc))
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

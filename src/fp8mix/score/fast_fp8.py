@@ -11,9 +11,12 @@ beside. Here the same operands go through the FP8 tensor cores instead:
   (one per output channel); fp8_static: per-tensor scalar scales; output BF16, bias added in the epilogue — the
   CUTLASS / ``_scaled_mm`` kernels that vLLM serves these formats with.
 
-What differs from the emulation is only the fp32 accumulation order inside the GEMM (and, on Hopper, the tensor
-cores' periodically promoted fp32 accumulator), so outputs agree to BF16 rounding: mostly bit-identical, else one
-BF16 ulp apart (benchmarks/bench_scoring.py measures this on the GPU).
+What differs from the emulation is only the accumulation inside the GEMM: the emulation sums exact products in
+fp32, the FP8 tensor cores accumulate with less precision. Measured on an H100 (benchmarks/bench_scoring.py, 14 LM
+linears of the Qwen2.5-VL-3B architecture on one batch's activations, BENCHMARKS.md): 99.04% of the outputs are
+equal or one BF16 ulp apart; the rest are near-cancelling outputs, off by less than 2^-12 of sum |x_q s_x| |w_q s_w|;
+dY = Y_fp8 - Y differs by 2.2% (relative Frobenius norm); the 252 per-module scores rank identically (Spearman
+rho 1.0000). On the CPU (torch's CPU ``_scaled_mm``) 99.998% are within one ulp and dY differs by 0.13%.
 
 Used on CUDA devices with FP8 tensor cores (compute capability >= 8.9), BF16 activations, fp8_dynamic or
 fp8_static, and K and N multiples of 16. Everything else (CPU, fp8_block, odd shapes, FP32 activations) falls back
