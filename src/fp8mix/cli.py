@@ -207,16 +207,25 @@ def schemes(catalog: CatalogOpt = None, model: ModelOpt = None) -> None:
 def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: Device = "cpu",
         calib_samples: CalibSamples = None, data: Data = None, text_only: TextOnly = False, method: Method = None,
         seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False,
-        stop_after: Annotated[Optional[str], typer.Option("--stop-after", help="Last stage to run")] = None) -> None:
+        stop_after: Annotated[Optional[str], typer.Option("--stop-after", help="Last stage to run")] = None,
+        eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out samples for eval")] = 64,
+        live: Annotated[bool, typer.Option("--live/--no-live", help="Live vLLM check where vLLM is importable")]
+        = True,
+        control_samples: Annotated[int, typer.Option("--control-samples", help="Held-out samples for the study's "
+                                                                               "control")] = 32) -> None:
     """Every stage in order: score, plan, export, check, eval, report."""
     from .pipeline import run_all, set_threads
 
     set_threads(threads)
     opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size)
-    run_all(opts, stop_after)
+    run_all(opts, stop_after, {"eval": {"n_eval": eval_samples}, "check": {"live": live},
+                               "study": {"n_control": control_samples}})
     console.print(f"run directory: {out}")
     if (out / "report.md").is_file() and stop_after in (None, "report"):
         console.print(f"[bold]report: {out / 'report.md'}[/]")
+    failed = sorted(p.stem for p in (out / "checks").glob("*.json") if '"ok": false' in p.read_text())
+    if failed and stop_after in (None, "check", "eval", "report"):
+        raise FP8MixError(f"vLLM check failed for {', '.join(failed)}: see {out / 'checks'} and the report")
 
 
 def main() -> None:

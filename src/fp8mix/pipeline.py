@@ -109,6 +109,11 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
     default_key = catalog.settings(next(iter(catalog.schemes)), **over).key(fingerprint)
     sens = read_json(done[default_key], "sensitivity")
     sens.pop("schema")
+    old = opts.run / "sensitivity.json"
+    if old.is_file():  # keep a study made on the same scores
+        prev = read_json(old, "sensitivity")
+        if prev.get("settings_key") == sens["settings_key"]:
+            sens.update({k: prev[k] for k in ("runs", "study") if k in prev})
     write_json(opts.run / "sensitivity.json", "sensitivity", sens)
     embedded = model_id == loading.EMBEDDED_ID
     manifest.update(opts.run, model={"id": model_id, "path": None if embedded else str(path),
@@ -192,17 +197,66 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
 STAGES = ("score", "study", "plan", "export", "check", "eval", "report")
 
 
-def run_all(opts: RunOptions, stop_after: str | None = None) -> None:
+def _files(run: Path, *patterns: str) -> list[Path]:
+    return sorted(f for pat in patterns for f in run.glob(pat))
+
+
+def stage_io(opts: RunOptions, name: str, catalog_file: Path) -> tuple[list[Path], list[Path]]:
+    """(input files, output files) of a stage, for resuming: a stage whose outputs exist and whose inputs (and
+    options) are unchanged since it last ran is skipped. score and export keep their own caches."""
+    run = opts.run
+    marks = "checkpoints/*/fp8mix_plan.json"
+    return {
+        "study": (_files(run, "scores/*.json"), [run / "sensitivity.json"]),
+        "plan": (_files(run, "scores/*.json") + [catalog_file], _files(run, "plans/*.json") or [run / "plans"]),
+        "check": (_files(run, "plans/*.json", marks), _files(run, "checks/*.json") or [run / "checks"]),
+        "eval": (_files(run, "plans/*.json", marks), [run / "eval.json"]),
+        "report": ([run / "sensitivity.json", run / "eval.json", catalog_file]
+                   + _files(run, "plans/*.json", "checks/*.json"), [run / "report.md", run / "summary.json"]),
+    }.get(name, ([], []))
+
+
+def _digest(paths: list[Path], extra: dict) -> str:
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for p in paths:
+        h.update(str(p.name).encode())
+        h.update(p.read_bytes() if p.is_file() else b"-")
+    return h.hexdigest()[:16]
+
+
+def run_all(opts: RunOptions, stop_after: str | None = None, stage_args: dict | None = None) -> None:
+    """Every stage in order. A stage whose outputs exist and whose inputs are unchanged is skipped (--force
+    redoes it)."""
     if stop_after is not None and stop_after not in STAGES:
         raise FP8MixError(f"unknown stage {stop_after!r}; stages: {', '.join(STAGES)}")
     import importlib
 
+    from .check.live import vllm_python
+
+    stage_args = stage_args or {}
+    _, cat_file = catalog_of(opts)
     for name in STAGES:
         console.rule(f"[bold]{name}")
-        if name in ("score", "study", "plan"):
-            globals()[f"stage_{name}"](opts)
+        inputs, outputs = stage_io(opts, name, cat_file)
+        extra = {"overrides": overrides(opts), "args": stage_args.get(name, {}), "device": opts.device,
+                 "vllm": vllm_python() if name == "check" else None}
+        digest = _digest(inputs, extra) if inputs else None
+        recorded = manifest.load(opts.run).get("stages", {}).get(name, {})
+        done = digest and recorded.get("inputs") == digest and all(p.exists() for p in outputs)
+        if done and not opts.force and (name != "study" or "study" in read_json(outputs[0], "sensitivity")):
+            console.print(f"{name}: up to date (inputs unchanged), skipped")
         else:
-            module = importlib.import_module(f".{'evaluate' if name == 'eval' else name}.stage", __package__)
-            getattr(module, f"stage_{name}")(opts)
+            if name in ("score", "study", "plan"):
+                globals()[f"stage_{name}"](opts, **stage_args.get(name, {}))
+            else:
+                module = importlib.import_module(f".{'evaluate' if name == 'eval' else name}.stage", __package__)
+                getattr(module, f"stage_{name}")(opts, **stage_args.get(name, {}))
+            if inputs:
+                new_inputs, _ = stage_io(opts, name, cat_file)
+                manifest.update(opts.run, stages={name: {**manifest.load(opts.run)["stages"].get(name, {}),
+                                                         "inputs": _digest(new_inputs, extra)}})
         if name == stop_after:
             break
