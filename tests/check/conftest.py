@@ -1,9 +1,4 @@
-import json
-import shutil
-
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="session")
@@ -25,26 +20,3 @@ def skeleton():
 
     net, adapter = loading.build_empty(loading.EMBEDDED)
     return net, adapter, adapter.layout(net)
-
-
-def plan_of(run, scheme):
-    return json.loads((run / "plans" / f"{scheme}.json").read_text())
-
-
-def broken_copy(src, dst, *, ignore_edit=None, bf16_modules=()):
-    """A copy of a checkpoint with its ignore list edited and/or some FP8 layers turned back into BF16 tensors."""
-    shutil.copytree(src, dst)
-    cfg_path = dst / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if ignore_edit:
-        cfg["quantization_config"]["ignore"] = ignore_edit(cfg["quantization_config"]["ignore"])
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    if bf16_modules:
-        for f in dst.glob("*.safetensors"):
-            tensors = load_file(f)
-            for m in bf16_modules:
-                if m + ".weight" in tensors:
-                    w = tensors[m + ".weight"].to(torch.float32) * tensors.pop(m + ".weight_scale").to(torch.float32)
-                    tensors[m + ".weight"] = w.to(torch.bfloat16)
-            save_file(tensors, f, metadata={"format": "pt"})
-    return dst

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import broken_copy, plan_of
+from .check_helpers import broken_copy, plan_of
 from fp8mix.check.live import vllm_python
 from fp8mix.check.stage import check_folder, stage_check
 
@@ -18,7 +18,7 @@ def test_every_scheme_loads_and_runs_in_vllm(check_run):
         assert r["ok"] and live["ran"] and live["ok"], (name, live.get("errors"), live.get("reason"))
         assert live["generations"]["image"]["n_image_tokens"] > 0
         plan = plan_of(check_run.run, name)
-        fp8_layers = {n for n, info in live["layers"].items() if info["weight_dtype"] == "torch.float8_e4m3fn"}
+        fp8_layers = {n for n, info in live["layers"].items() if info["weight_dtype"] == "float8_e4m3fn"}
         # vLLM fuses q/k/v and gate/up: each FP8 group is one FP8 layer there
         assert len(fp8_layers) == len(plan["fp8_groups"]), name
         assert not any("visual" in n for n in fp8_layers)

@@ -1,6 +1,6 @@
 """The static vLLM rule check passes every exported scheme and catches the classic broken variants."""
 
-from conftest import broken_copy, plan_of
+from .check_helpers import broken_copy, plan_of
 from fp8mix.check.static import check_static
 from fp8mix.plan.catalog import load_catalog
 

@@ -2,7 +2,7 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import tiny_random_config
+from random_models import tiny_random_config
 from fp8mix.models import GROUP_KINDS, Qwen2_5_VLAdapter, adapter_for
 
 

@@ -2,7 +2,7 @@ import torch
 from scipy.stats import spearmanr
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import tiny_random_config
+from random_models import tiny_random_config
 from fp8mix.models import Qwen2_5_VLAdapter
 from fp8mix.score.autoquant import gradient_scores, kl_scores
 from fp8mix.score.batches import calibration_samples, make_batches
