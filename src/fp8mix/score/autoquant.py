@@ -126,13 +126,16 @@ def gradient_scores(model: nn.Module, groups: list[LinearGroup], batches: list[d
 
 @contextmanager
 def _fp8_group(qw: QuantizedWeights, group: LinearGroup):
-    """Run the group's modules in FP8 (their outputs replaced by the FP8 outputs)."""
-    handles = [qw.modules[n].register_forward_hook(lambda _m, a, _o, n=n: qw.output(n, a[0])) for n in group.modules]
+    """Run the group's modules in FP8: their forward is swapped for the FP8 one (so the BF16 product is not
+    computed and thrown away)."""
+    mods = {n: qw.modules[n] for n in group.modules}
+    for n, mod in mods.items():
+        mod.forward = lambda x, n=n: qw.output(n, x)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for mod in mods.values():
+            del mod.forward  # back to the class's forward
 
 
 @torch.no_grad()
