@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fp8mix.data import real, shapes  # noqa: E402
 from fp8mix.data.samples import encode  # noqa: E402
+from fp8mix.evaluate.accuracy import answer_accuracy  # noqa: E402
 from fp8mix.models.processor import CHAT_TEMPLATE, ImageOnlyQwen2_5_VLProcessor, save_processor  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -112,23 +113,6 @@ class Stream(torch.utils.data.IterableDataset):
             step += nw
 
 
-@torch.no_grad()
-def answer_accuracy(model, processor, samples, device, shuffle_images=False, batch_size=64) -> float:
-    """Exact match of the greedy reply against the reference answer."""
-    if shuffle_images:  # give every sample the image of the next one
-        imgs = [s.images for s in samples]
-        imgs = imgs[1:] + imgs[:1]
-        samples = [type(s)(s.messages, im, s.answer, s.source) for s, im in zip(samples, imgs)]
-    correct = 0
-    for k in range(0, len(samples), batch_size):
-        chunk = samples[k:k + batch_size]
-        enc = {n: t.to(device) for n, t in encode(processor, chunk, for_generation=True).items()}
-        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
-        texts = processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += sum(t.strip() == s.answer for t, s in zip(texts, chunk))
-    return correct / len(samples)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("src/fp8mix/models/embedded"))
@@ -191,8 +175,8 @@ def main() -> None:
 
     model.eval()
     held_out = shapes.samples("eval", args.eval_samples)
-    acc = answer_accuracy(model, processor, held_out, args.device)
-    acc_shuffled = answer_accuracy(model, processor, held_out, args.device, shuffle_images=True)
+    acc = answer_accuracy(model, processor, held_out, batch_size=64)
+    acc_shuffled = answer_accuracy(model, processor, held_out, shuffle_images=True, batch_size=64)
     print(f"held-out answer accuracy {acc:.3f}; images shuffled {acc_shuffled:.3f}", flush=True)
 
     model = model.to(torch.bfloat16).cpu()

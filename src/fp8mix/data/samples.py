@@ -76,6 +76,11 @@ def _assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return mask
 
 
+def model_inputs(batch: dict) -> dict:
+    """A batch's model inputs: everything but the labels (for forwards that need no loss)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 def encode(processor, samples: list[ChatSample], *, for_generation: bool = False,
            max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Tokenize a batch. Training/scoring batches are right-padded with labels on the assistant replies only;

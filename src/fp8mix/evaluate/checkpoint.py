@@ -5,7 +5,6 @@ the way vLLM's kernels do); every other tensor is taken from the checkpoint as s
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -100,7 +99,3 @@ def _dtype_name(st_dtype: str) -> str:
     return {"F8_E4M3": "float8_e4m3fn", "BF16": "bfloat16", "F16": "float16", "F32": "float32",
             "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8"}[st_dtype]
 
-
-def quantization_config(folder: Path) -> dict:
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    return cfg.get("quantization_config") or {}

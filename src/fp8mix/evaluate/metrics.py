@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.samples import model_inputs
 from .accuracy import answer_accuracy
 
 
@@ -39,15 +40,12 @@ def _nll(logits: torch.Tensor, batch: dict) -> tuple[float, int]:
     return float(-picked.sum()), int(keep.sum())
 
 
-def _inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
-
 
 @torch.no_grad()
 def reference(model, processor, batches: list[dict], samples) -> Reference:
     logprobs, top1, nll, n = [], [], 0.0, 0
     for b in batches:
-        logits = model(**_inputs(b), use_cache=False).logits
+        logits = model(**model_inputs(b), use_cache=False).logits
         pos = _positions(b)
         lp = F.log_softmax(logits.float(), dim=-1)[pos]
         logprobs.append(lp)
@@ -62,7 +60,7 @@ def reference(model, processor, batches: list[dict], samples) -> Reference:
 def compare(model, processor, batches: list[dict], samples, ref: Reference) -> dict:
     kls, agree, nll, n = [], [], 0.0, 0
     for b, ref_lp, ref_top in zip(batches, ref.logprobs, ref.top1):
-        logits = model(**_inputs(b), use_cache=False).logits
+        logits = model(**model_inputs(b), use_cache=False).logits
         lp = F.log_softmax(logits.float(), dim=-1)[_positions(b)]
         kls.append(F.kl_div(lp, ref_lp, reduction="none", log_target=True).sum(-1))
         agree.append(lp.argmax(-1) == ref_top)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 # vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj: a fused group is FP8 or BF16 as a whole.
@@ -166,6 +165,3 @@ class FamilyAdapter:
         """Every nn.Linear inside the decoder blocks, whether or not it is in a group."""
         blocks = model.get_submodule(self.blocks_path)
         return [f"{self.blocks_path}.{n}" for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
-
-    def dtype_ok(self, model: nn.Module) -> bool:
-        return all(p.dtype in (torch.bfloat16, torch.float16, torch.float32) for p in model.parameters())

@@ -89,7 +89,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     add(f"| evaluation | {ev['data']}: {ev['n_samples']} held-out samples (never used for calibration), "
         f"{bf16['n_tokens']} token positions |")
     add(f"| hardware | {manifest.get('hardware', manifest.get('device', 'cpu'))} |")
-    add(f"| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + " |")
+    add("| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + " |")
     live_versions = sorted({c["live"].get("vllm_version") for c in checks.values() if c["live"].get("vllm_version")})
     add(f"| vLLM (live check) | {', '.join(live_versions) or 'not available'} |")
     add(f"| catalog | [{catalog_path.name}]({catalog_path}) |\n")

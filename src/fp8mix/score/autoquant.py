@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.samples import model_inputs
 from ..models import LinearGroup
 from . import fast_fp8
-from .fp8 import FP8_DTYPE, FP8Format, quantize_weight, static_input_scale
+from .fp8 import FP8Format, quantize_weight, static_input_scale
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -56,7 +57,7 @@ class QuantizedWeights:
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.modules.items()]
         try:
             for batch in progress(batches, "calibrating static FP8 input scales"):
-                model(**_inputs(batch), use_cache=False)
+                model(**model_inputs(batch), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -68,9 +69,6 @@ class QuantizedWeights:
         bias = self.modules[name].bias
         return fast_fp8.linear_forward(x, w_fp8, bias, self.fmt, self.input_scales[name], weight_scale=w_scale)
 
-
-def _inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 @contextmanager
@@ -146,7 +144,7 @@ def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], 
     qw.calibrate(model, batches, progress)
     out = {m: 0.0 for g in groups for m in g.modules}
     for batch in progress(batches, "scoring (KL, one forward per group)"):
-        inputs = _inputs(batch)
+        inputs = model_inputs(batch)
         mask = batch["attention_mask"].bool()
         ref = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
         for g in groups:
@@ -156,4 +154,4 @@ def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], 
     return out
 
 
-__all__ = ["FP8_DTYPE", "QuantizedWeights", "gradient_scores", "kl_scores"]
+__all__ = ["QuantizedWeights", "gradient_scores", "kl_scores"]

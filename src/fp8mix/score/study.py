@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import kendalltau, spearmanr
 
+from ..data.samples import model_inputs
 from ..models import GROUP_KINDS, ModelLayout
 from .autoquant import QuantizedWeights, _fp8_group
 from .settings import AutoQuantSettings
@@ -79,7 +80,7 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
 
     qw = QuantizedWeights(model, [m for g in layout.groups for m in g.modules], fmt)
     qw.calibrate(model, batches)
-    refs = [F.log_softmax(model(**_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
+    refs = [F.log_softmax(model(**model_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
             for b in batches]
 
     def kl_of(blocks: set[int]) -> float:
@@ -89,7 +90,7 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
                 if g.block in blocks:
                     stack.enter_context(_fp8_group(qw, g))
             for b, ref in zip(batches, refs):
-                lp = F.log_softmax(model(**_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
+                lp = F.log_softmax(model(**model_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
                 tot += float(F.kl_div(lp, ref, reduction="sum", log_target=True))
                 n += int(ref.shape[0])
         return tot / max(n, 1)
@@ -108,6 +109,3 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
                               "first_k": kl_of(set(range(k))), "last_k": kl_of(set(range(n - k, n)))}
     return out
 
-
-def _inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
