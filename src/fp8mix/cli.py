@@ -52,15 +52,17 @@ TextOnly = Annotated[bool, typer.Option("--text-only", help="Drop the images fro
 Method = Annotated[Optional[str], typer.Option("--method", help="gradient (default) or kl_div")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Calibration seed")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Calibration batch size")]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="auto: spread the model over the GPUs "
+                                                                       "(accelerate), for models larger than one GPU")]
 
 
 def _options(run, model=None, catalog=None, device="cpu", force=False, calib_samples=None, data=None,
-             text_only=False, method=None, seed=None, batch_size=None):
+             text_only=False, method=None, seed=None, batch_size=None, device_map=None):
     from .pipeline import RunOptions
 
     overrides = {"calib_samples": calib_samples, "data": data, "method": method, "seed": seed,
                  "batch_size": batch_size, "with_images": False if text_only else None}
-    return RunOptions(run=run, model=model, catalog=catalog, device=device, force=force,
+    return RunOptions(run=run, model=model, catalog=catalog, device=device, device_map=device_map, force=force,
                       score_overrides={k: v for k, v in overrides.items() if v is not None})
 
 
@@ -70,16 +72,58 @@ def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: 
           seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False,
           study: Annotated[bool, typer.Option("--study", help="Also score under the study's configs (seeds, "
                                                               "sample counts, text only, KL) and run the control")]
-          = False) -> None:
-    """Score every LM linear group's FP8 sensitivity (AutoQuant) once per distinct catalog setting."""
-    from .pipeline import set_threads, stage_score, stage_study
+          = False, device_map: DeviceMap = None,
+          gpus: Annotated[Optional[int], typer.Option("--gpus", help="Data-parallel processes, one per GPU (launches "
+                                                                     "torchrun); with --device-map auto the visible "
+                                                                     "GPUs are split evenly among them")] = None) -> None:
+    """Score every LM linear group's FP8 sensitivity (AutoQuant) once per distinct catalog setting.
 
+    Data parallel: `fp8mix score --gpus N …`, or `torchrun --nproc-per-node N -m fp8mix score …` (CPU: gloo)."""
+    from .pipeline import set_threads, stage_score, stage_study
+    from .score import distributed
+
+    if gpus is not None and not distributed.launched():
+        raise typer.Exit(_launch_torchrun(gpus))
     set_threads(threads)
-    opts = _options(run, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size)
-    done = stage_score(opts)
-    if study:
-        stage_study(opts)
-    console.print(f"wrote {run / 'sensitivity.json'} ({len(done)} scoring pass(es) in {run / 'scores'})")
+    device = distributed.init(device)
+    opts = _options(run, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size,
+                    device_map)
+    main, n = distributed.is_main(), distributed.world_size()
+    try:
+        done = stage_score(opts)
+        if study:
+            stage_study(opts)
+    finally:
+        distributed.close()
+    if main:
+        console.print(f"wrote {run / 'sensitivity.json'} ({len(done)} scoring pass(es) in {run / 'scores'}"
+                      + (f", {n} processes)" if n > 1 else ")"))
+
+
+def _launch_torchrun(n: int) -> int:
+    """Re-run this command under torchrun with n processes, one or more GPUs each; returns its exit status."""
+    import subprocess
+
+    import torch
+
+    if n < 1:
+        raise FP8MixError("--gpus must be at least 1")
+    if not torch.cuda.is_available() or torch.cuda.device_count() < n:
+        raise FP8MixError(f"--gpus {n} needs {n} CUDA GPU(s); this machine has {torch.cuda.device_count()}. "
+                          "On CPUs run `torchrun --nproc-per-node N -m fp8mix score …` instead")
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            args.append(a)
+    if not any(a == "--device" or a.startswith("--device=") for a in args):
+        args += ["--device", "cuda"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "fp8mix",
+           *args]
+    return subprocess.call(cmd)
 
 
 @app.command()

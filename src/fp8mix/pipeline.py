@@ -19,8 +19,13 @@ console = Console(stderr=True)
 
 
 def progress(iterable, description: str):
-    """A rich progress bar over a sized iterable."""
+    """A rich progress bar over a sized iterable (on the main process only, under torchrun)."""
+    from .score import distributed
+
     items = list(iterable)
+    if not distributed.is_main():
+        yield from items
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
         task = bar.add_task(description, total=len(items))
@@ -35,6 +40,7 @@ class RunOptions:
     model: str | None = None
     catalog: str | None = None
     device: str = "cpu"
+    device_map: str | None = None    # "auto": accelerate spreads the model over this process's GPUs
     force: bool = False
     score_overrides: dict = field(default_factory=dict)   # AutoQuantSettings fields the user set
 
@@ -73,22 +79,30 @@ class ScoreCache:
         if self.loaded is None:
             t = time.time()
             embedded = self.model_id == loading.EMBEDDED_ID
-            self.loaded = loading.load(None if embedded else str(self.path), device=self.opts.device)
+            self.loaded = loading.load(None if embedded else str(self.path), device=self.opts.device,
+                                       device_map=self.opts.device_map)
             self.loaded.model_id = self.model_id
             self.timings["load_s"] = round(time.time() - t, 2)
         return self.loaded
 
     def get(self, key: str, settings) -> Path:
+        """The scores file of `settings`, scored now if missing. Under torchrun every rank takes part in the pass
+        and the main one writes the file; the barrier keeps every rank's view of the cache the same."""
+        from .score import distributed
         from .score.sensitivity import score
 
         out = score_path(self.opts.run, key)
         if out.is_file() and not self.opts.force:
-            console.print(f"scores {key}: cached ({settings.method}, {settings.calib_samples} samples)")
+            if distributed.is_main():
+                console.print(f"scores {key}: cached ({settings.method}, {settings.calib_samples} samples)")
             return out
         t = time.time()
         doc = score(self.model(), settings, progress)
         self.timings[f"score_{key}_s"] = round(time.time() - t, 2)
-        return write_json(out, "sensitivity", {**doc, "settings": settings.model_dump(mode="json")})
+        if distributed.is_main():
+            write_json(out, "sensitivity", {**doc, "settings": settings.model_dump(mode="json")})
+        distributed.barrier()
+        return out
 
 
 def stage_score(opts: RunOptions) -> dict[str, Path]:
@@ -106,6 +120,10 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
     cache = ScoreCache(opts, model_id, path)
     done = {key: cache.get(key, settings) for key, settings in wanted.items()}
     timings = cache.timings
+    from .score import distributed
+
+    if not distributed.is_main():
+        return done
     default_key = catalog.settings(next(iter(catalog.schemes)), **over).key(fingerprint)
     sens = read_json(done[default_key], "sensitivity")
     sens.pop("schema")
@@ -120,6 +138,7 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
                                      "fingerprint": fingerprint},
                     catalog={"path": None if opts.catalog is None else str(cat_path)}, device=opts.device,
                     hardware=manifest.hardware(opts.device),
+                    processes={"score": distributed.world_size(), "device_map": opts.device_map},
                     score_overrides=over, seed=catalog.settings(next(iter(catalog.schemes)), **over).seed,
                     stages={"score": {"keys": sorted(done), **timings}})
     return done
@@ -176,6 +195,10 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
         docs[label] = doc
         runs.append({"label": label, "settings_key": key, "settings": doc["settings"], "blocks": doc["blocks"],
                      "groups": {g["name"]: g["score"] for g in doc["groups"]}})
+    from .score import distributed
+
+    if not distributed.is_main():  # the study's scoring passes were shared; the control runs on one process
+        return {}
     loaded = cache.model()
     samples = eval_samples(base.data, n_control)
     batches = make_batches(loaded.processor, samples, 8, base.max_length, opts.device)

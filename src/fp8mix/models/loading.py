@@ -124,6 +124,22 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if not str(device).startswith("cpu") else torch.float32
 
 
+def _placement(device: str, device_map: str | None) -> dict:
+    """from_pretrained's placement arguments. "auto": accelerate balances the layers over this process's GPUs
+    (all of them, or under torchrun this rank's share), never onto the CPU or disk."""
+    if device_map is None:
+        return {"device_map": device}
+    if device_map != "auto":
+        raise FP8MixError(f"unknown --device-map {device_map!r}; the one supported value is auto")
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise FP8MixError("--device-map auto spreads the model over CUDA GPUs: pass --device cuda on a GPU machine")
+    from ..score.distributed import local_gpus
+
+    gpus = local_gpus()
+    return {"device_map": "auto",
+            "max_memory": {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}}
+
+
 def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None,
          device_map: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
     from .processor import load_processor
@@ -133,15 +149,19 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | 
     cfg = read_config(path)
     adapter = adapter_for(architecture(cfg))
     digest = fingerprint(path)
+    placement = _placement(device, device_map)
     try:
         net = model_class(architecture(cfg)).from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-            device_map=device_map or device)
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **placement)
     except FP8MixError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FP8MixError(f"cannot load the model from {path}: {first}") from None
+    spilled = sorted({str(d) for d in (getattr(net, "hf_device_map", None) or {}).values()} - {str(i) for i in range(64)})
+    if device_map and spilled:
+        raise FP8MixError(f"the model does not fit this process's GPUs (parts went to {', '.join(spilled)}); "
+                          "use more GPUs per process (fewer processes) or a larger machine")
     net.eval()
     try:
         processor = load_processor(path)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data.samples import model_inputs
 from ..models import LinearGroup
-from . import fast_fp8
+from . import distributed, fast_fp8
 from .fp8 import FP8Format, quantize_weight, static_input_scale
 
 Progress = Callable[[Iterable, str], Iterable]
@@ -61,6 +61,8 @@ class QuantizedWeights:
         finally:
             for h in handles:
                 h.remove()
+        names = list(amax)
+        amax = dict(zip(names, distributed.all_reduce([amax[n] for n in names], "max")))
         self.input_scales = {n: static_input_scale(a) for n, a in amax.items()}
 
     def output(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -90,12 +92,12 @@ def _frozen_weights_with_input_grads(model: nn.Module):
 
 def gradient_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
                     progress: Progress = _no_progress) -> dict[str, float]:
-    """Per-module gradient scores (sum over all batches)."""
+    """Per-module gradient scores (sum over all batches; under torchrun, over every rank's batches)."""
     names = [m for g in groups for m in g.modules]
     qw = QuantizedWeights(model, names, fmt)
     qw.calibrate(model, batches, progress)
-    device = next(model.parameters()).device
-    acc = {n: torch.zeros((), dtype=torch.float64, device=device) for n in names}
+    # each sum lives beside its module (a device map spreads modules over GPUs)
+    acc = {n: torch.zeros((), dtype=torch.float64, device=qw.modules[n].weight.device) for n in names}
 
     def hook(name):
         def fn(_mod, args, out):
@@ -119,7 +121,7 @@ def gradient_scores(model: nn.Module, groups: list[LinearGroup], batches: list[d
     finally:
         for h in handles:
             h.remove()
-    return {n: float(v) for n, v in acc.items()}
+    return {n: float(v) for n, v in zip(names, distributed.all_reduce([acc[n] for n in names]))}
 
 
 @contextmanager
@@ -151,7 +153,9 @@ def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], 
             with _fp8_group(qw, g):
                 logq = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
             out[g.modules[0]] += float(F.kl_div(logq, ref, reduction="sum", log_target=True))
-    return out
+    names = list(out)
+    summed = distributed.all_reduce([torch.tensor(out[n], dtype=torch.float64) for n in names])
+    return {n: float(v) for n, v in zip(names, summed)}
 
 
 __all__ = ["QuantizedWeights", "gradient_scores", "kl_scores"]

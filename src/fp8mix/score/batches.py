@@ -6,6 +6,7 @@ import torch
 
 from ..data import sources
 from ..data.samples import ChatSample, encode
+from . import distributed
 from .settings import AutoQuantSettings
 
 
@@ -17,9 +18,14 @@ def calibration_samples(settings: AutoQuantSettings) -> list[ChatSample]:
 
 
 def make_batches(processor, samples: list[ChatSample], batch_size: int, max_length: int,
-                 device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+                 device: torch.device | str = "cpu", shard: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of `batch_size` samples in order; with `shard`, only this rank's batches (batch i goes to
+    rank i mod world size), so that data-parallel ranks score exactly the single-process batches between them."""
+    chunks = [samples[k:k + batch_size] for k in range(0, len(samples), batch_size)]
+    if shard:
+        chunks = distributed.shard(chunks)
     out = []
-    for k in range(0, len(samples), batch_size):
-        enc = encode(processor, samples[k:k + batch_size], max_length=max_length)
+    for chunk in chunks:
+        enc = encode(processor, chunk, max_length=max_length)
         out.append({n: t.to(device) for n, t in enc.items()})
     return out

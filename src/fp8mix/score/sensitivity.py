@@ -6,6 +6,7 @@ import torch
 
 from ..models import ModelLayout
 from ..models.loading import LoadedModel
+from . import distributed
 from .autoquant import Progress, _no_progress, gradient_scores, kl_scores
 from .batches import calibration_samples, make_batches
 from .settings import AutoQuantSettings
@@ -46,12 +47,14 @@ def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress =
           device: str | torch.device | None = None) -> dict:
     """Run one scoring pass and return the sensitivity document (not yet written)."""
     torch.manual_seed(settings.seed)
-    device = device or next(loaded.model.parameters()).device
+    # the input embeddings' device: under a device map, accelerate's hooks move inputs on from there
+    device = device or loaded.model.get_input_embeddings().weight.device
     samples = calibration_samples(settings)
-    batches = make_batches(loaded.processor, samples, settings.batch_size, settings.max_length, device)
+    batches = make_batches(loaded.processor, samples, settings.batch_size, settings.max_length, device, shard=True)
     groups = list(loaded.layout.groups)
     fn = gradient_scores if settings.method == "gradient" else kl_scores
     module_scores = fn(loaded.model, groups, batches, settings.fp8_format, progress)
-    n_tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), dtype=torch.float64)
+    n_tokens = int(distributed.all_reduce([tokens])[0])
     return build_document(loaded.model_id, loaded.fingerprint, loaded.layout, settings, module_scores,
                           len(samples), n_tokens)
