@@ -33,11 +33,17 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 @app.command()
-def info(model: ModelOpt = None) -> None:
-    """Show the model as fp8mix sees it: LM blocks, fused linear groups, what stays BF16 and why."""
+def info(model: Annotated[Optional[str], typer.Option(
+            "--model", "-m", help="Hub id, local folder or config.json; the Qwen2.5-VL 3B/7B/32B/72B hub ids use the "
+                                  "shipped configs (no network); default: the embedded tiny Qwen2.5-VL")] = None,
+         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Scoring batch size to size for")] = 8,
+         max_length: Annotated[int, typer.Option("--max-length", min=16, help="Tokens per sample to size for")]
+         = 1024) -> None:
+    """Show the model as fp8mix sees it (LM blocks, fused linear groups, what stays BF16 and why) and the memory
+    each stage will need. Reads config.json only."""
     from .models.info import describe
 
-    describe(model, console)
+    describe(model, console, batch_size, max_length)
 
 
 Run = Annotated[Path, typer.Option("--run", "--out", "-o", help="Run directory")]
@@ -73,6 +79,11 @@ def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: 
           study: Annotated[bool, typer.Option("--study", help="Also score under the study's configs (seeds, "
                                                               "sample counts, text only, KL) and run the control")]
           = False, device_map: DeviceMap = None,
+          low_memory: Annotated[bool, typer.Option("--low-memory", help="Quantize each weight to FP8 when it is "
+                                                                        "used instead of keeping FP8 copies of all "
+                                                                        "LM linears (same scores, ~0.5 byte per "
+                                                                        "parameter less memory, a little slower)")]
+          = False,
           gpus: Annotated[Optional[int], typer.Option("--gpus", help="Data-parallel processes, one per GPU (launches "
                                                                      "torchrun); with --device-map auto the visible "
                                                                      "GPUs are split evenly among them")] = None) -> None:
@@ -88,6 +99,7 @@ def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: 
     device = distributed.init(device)
     opts = _options(run, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size,
                     device_map)
+    opts.low_memory = low_memory
     main, n = distributed.is_main(), distributed.world_size()
     try:
         done = stage_score(opts)

@@ -42,6 +42,7 @@ class RunOptions:
     device: str = "cpu"
     device_map: str | None = None    # "auto": accelerate spreads the model over this process's GPUs
     force: bool = False
+    low_memory: bool = False         # scoring: no FP8 copies of the weights kept (same scores, less memory)
     score_overrides: dict = field(default_factory=dict)   # AutoQuantSettings fields the user set
 
 
@@ -97,7 +98,7 @@ class ScoreCache:
                 console.print(f"scores {key}: cached ({settings.method}, {settings.calib_samples} samples)")
             return out
         t = time.time()
-        doc = score(self.model(), settings, progress)
+        doc = score(self.model(), settings, progress, low_memory=self.opts.low_memory)
         self.timings[f"score_{key}_s"] = round(time.time() - t, 2)
         if distributed.is_main():
             write_json(out, "sensitivity", {**doc, "settings": settings.model_dump(mode="json")})

@@ -75,3 +75,14 @@ def test_images_change_the_scores(embedded):
     b = gradient_scores(embedded.model, groups, make_batches(embedded.processor, b_samples, 8, 1024),
                         FP8Format.fp8_dynamic)
     assert a != b
+
+
+def test_low_memory_gives_the_same_scores():
+    """Quantizing each weight when used (no FP8 copies kept) scores exactly as the cached weights do."""
+    model, batches = _random_model_and_batches()
+    groups = list(Qwen2_5_VLAdapter().layout(model).groups)
+    for fmt in (FP8Format.fp8_dynamic, FP8Format.fp8_static):
+        cached = gradient_scores(model, groups, batches, fmt)
+        assert gradient_scores(model, groups, batches, fmt, cache_weights=False) == cached
+    assert kl_scores(model, groups, batches, FP8Format.fp8_dynamic, cache_weights=False) == \
+        kl_scores(model, groups, batches, FP8Format.fp8_dynamic)

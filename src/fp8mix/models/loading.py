@@ -31,8 +31,9 @@ class LoadedModel:
     fingerprint: str   # sha256 over config.json and the safetensors headers
 
 
-def resolve(model: str | None) -> tuple[str, Path]:
-    """(model id, local folder). No model means the embedded tiny Qwen2.5-VL."""
+def resolve(model: str | None, patterns: list[str] = HUB_FILES) -> tuple[str, Path]:
+    """(model id, local folder). No model means the embedded tiny Qwen2.5-VL. A hub id is downloaded (the files
+    matching `patterns`)."""
     if model is None or model in ("embedded", EMBEDDED_ID):
         return EMBEDDED_ID, EMBEDDED
     path = Path(model).expanduser()
@@ -46,15 +47,26 @@ def resolve(model: str | None) -> tuple[str, Path]:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(model, allow_patterns=HUB_FILES)
+        local = snapshot_download(model, allow_patterns=patterns)
     except Exception as exc:  # offline, unknown repo, gated…
         raise FP8MixError(f"cannot fetch {model} from the Hugging Face hub ({type(exc).__name__}); "
                           "download it first and pass the local folder") from None
     return model, Path(local)
 
 
+CONFIGS = Path(__file__).parent / "configs"
+# Published configs shipped as architecture fixtures (configs/README.md), by hub id
+FIXTURES = {f"Qwen/Qwen2.5-VL-{size}-Instruct": CONFIGS / f"qwen2_5_vl_{size.lower()}.json"
+            for size in ("3B", "7B", "32B", "72B")}
+
+
+def config_file(path: Path) -> Path:
+    """config.json of a model folder, or the path itself when it is a config file."""
+    return path if path.suffix == ".json" else path / "config.json"
+
+
 def read_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
+    cfg_file = config_file(path)
     if not cfg_file.is_file():
         raise FP8MixError(f"{path} has no config.json; pass a Hugging Face model folder")
     try:
@@ -112,7 +124,7 @@ def build_empty(path: Path):
     cfg = read_config(path)
     arch = architecture(cfg)
     adapter = adapter_for(arch)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(config_file(path), trust_remote_code=False)
     with init_empty_weights():
         model = model_class(arch)._from_config(config, dtype=torch.bfloat16)
     return model, adapter

@@ -14,7 +14,7 @@ KL(p_BF16 ‖ p_group-FP8) of the next-token distribution.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -33,13 +33,32 @@ def _no_progress(it: Iterable, _desc: str) -> Iterable:
     return it
 
 
-class QuantizedWeights:
-    """FP8 weights (and, for fp8_static, calibrated input scales) of the scored modules, computed once."""
+class _OnUse(Mapping):
+    """FP8 weights quantized when asked for and not kept: the same bytes as the cached ones, without holding an FP8
+    copy of every LM linear (half a byte per parameter of the BF16 model) for the whole pass."""
 
-    def __init__(self, model: nn.Module, names: list[str], fmt: FP8Format):
+    def __init__(self, modules: dict[str, nn.Module], fmt: FP8Format):
+        self.modules, self.fmt = modules, fmt
+
+    def __getitem__(self, name: str):
+        return quantize_weight(self.modules[name].weight, self.fmt)
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+class QuantizedWeights:
+    """FP8 weights (and, for fp8_static, calibrated input scales) of the scored modules: computed once and kept, or
+    with `cache=False` recomputed at each use (low memory)."""
+
+    def __init__(self, model: nn.Module, names: list[str], fmt: FP8Format, cache: bool = True):
         self.fmt = FP8Format(fmt)
         self.modules = {n: model.get_submodule(n) for n in names}
-        self.weights = {n: quantize_weight(m.weight, self.fmt) for n, m in self.modules.items()}
+        self.weights: Mapping = ({n: quantize_weight(m.weight, self.fmt) for n, m in self.modules.items()} if cache
+                                 else _OnUse(self.modules, self.fmt))
         self.input_scales: dict[str, torch.Tensor | None] = {n: None for n in names}
 
     @torch.no_grad()
@@ -91,10 +110,10 @@ def _frozen_weights_with_input_grads(model: nn.Module):
 
 
 def gradient_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
-                    progress: Progress = _no_progress) -> dict[str, float]:
+                    progress: Progress = _no_progress, cache_weights: bool = True) -> dict[str, float]:
     """Per-module gradient scores (sum over all batches; under torchrun, over every rank's batches)."""
     names = [m for g in groups for m in g.modules]
-    qw = QuantizedWeights(model, names, fmt)
+    qw = QuantizedWeights(model, names, fmt, cache_weights)
     qw.calibrate(model, batches, progress)
     # each sum lives beside its module (a device map spreads modules over GPUs)
     acc = {n: torch.zeros((), dtype=torch.float64, device=qw.modules[n].weight.device) for n in names}
@@ -140,9 +159,9 @@ def _fp8_group(qw: QuantizedWeights, group: LinearGroup):
 
 @torch.no_grad()
 def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
-              progress: Progress = _no_progress) -> dict[str, float]:
+              progress: Progress = _no_progress, cache_weights: bool = True) -> dict[str, float]:
     """Per-group KL scores, reported on the group's first module (the group is the unit of the KL method)."""
-    qw = QuantizedWeights(model, [m for g in groups for m in g.modules], fmt)
+    qw = QuantizedWeights(model, [m for g in groups for m in g.modules], fmt, cache_weights)
     qw.calibrate(model, batches, progress)
     out = {m: 0.0 for g in groups for m in g.modules}
     for batch in progress(batches, "scoring (KL, one forward per group)"):

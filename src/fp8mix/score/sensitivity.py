@@ -44,8 +44,9 @@ def build_document(model_id: str, fingerprint: str, layout: ModelLayout, setting
 
 
 def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress = _no_progress,
-          device: str | torch.device | None = None) -> dict:
-    """Run one scoring pass and return the sensitivity document (not yet written)."""
+          device: str | torch.device | None = None, low_memory: bool = False) -> dict:
+    """Run one scoring pass and return the sensitivity document (not yet written). `low_memory` quantizes each
+    weight when used instead of keeping FP8 copies (same scores)."""
     torch.manual_seed(settings.seed)
     # the input embeddings' device: under a device map, accelerate's hooks move inputs on from there
     device = device or loaded.model.get_input_embeddings().weight.device
@@ -53,7 +54,7 @@ def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress =
     batches = make_batches(loaded.processor, samples, settings.batch_size, settings.max_length, device, shard=True)
     groups = list(loaded.layout.groups)
     fn = gradient_scores if settings.method == "gradient" else kl_scores
-    module_scores = fn(loaded.model, groups, batches, settings.fp8_format, progress)
+    module_scores = fn(loaded.model, groups, batches, settings.fp8_format, progress, cache_weights=not low_memory)
     tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), dtype=torch.float64)
     n_tokens = int(distributed.all_reduce([tokens])[0])
     return build_document(loaded.model_id, loaded.fingerprint, loaded.layout, settings, module_scores,
