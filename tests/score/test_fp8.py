@@ -362,3 +362,22 @@ def test_cuda_matches_cpu(fmt):
     y_cuda = fp8_linear_forward(x.cuda(), w.cuda(), None, fmt, cuda_static).cpu().float()
     y_cpu = fp8_linear_forward(x, w, None, fmt, static).float()
     assert torch.allclose(y_cuda, y_cpu, rtol=2.0**-7, atol=1e-3)
+
+
+def test_chunked_quantization_is_bitwise_the_whole_one():
+    """Export quantizes large weights a block of rows at a time: the same FP8 bytes and scales for every format,
+    with the scale computed or given, including a last block of rows that is not a multiple of 128."""
+    from fp8mix.score.fp8 import compute_weight_scale, quantize_weight, quantize_weight_chunked
+
+    torch.manual_seed(0)
+    w = (torch.randn(300, 256) * torch.logspace(-2, 1, 300)[:, None]).to(torch.bfloat16)
+    w[7, 3] = 40.0
+    for fmt in FP8Format:
+        whole, s_whole = quantize_weight(w, fmt)
+        chunked, s_chunk = quantize_weight_chunked(w, fmt, chunk_elements=128 * 256)
+        assert torch.equal(whole.view(torch.uint8), chunked.view(torch.uint8)), fmt
+        assert torch.equal(s_whole, s_chunk), fmt
+        given = compute_weight_scale(w, fmt) * 2
+        a, _ = quantize_weight(w, fmt, given)
+        b, _ = quantize_weight_chunked(w, fmt, given, chunk_elements=128 * 256)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), fmt

@@ -37,11 +37,13 @@ import torch
 from ..errors import FP8MixError
 from ..models import FamilyAdapter, ModelLayout
 from ..rundir import dumps, write_json
+from .shard_writer import ShardWriter
 from ..score.fp8 import (
     BLOCK,
     FP8Format,
     compute_weight_scale,
     quantize_weight,
+    quantize_weight_chunked,
     scheme_for,
 )
 
@@ -284,31 +286,29 @@ def _shard_names(n: int) -> list[str]:
 
 def _write_tensors(src: Source, quant: dict[str, QuantizedModule], fmt: FP8Format, out_dir: Path,
                    scale_layout: ScaleLayout) -> dict:
-    """Stream the source shards into out_dir, one output shard per source shard. Returns a summary."""
-    from safetensors.torch import save_file
-
+    """Stream the source shards into out_dir, one output shard per source shard, one tensor in memory at a time
+    (ShardWriter). Returns a summary."""
     adapter = src.adapter
-    shard, n_shards, tensors = None, 0, {}
+    shard, writer = None, None
     weight_map, total, seen, cast = {}, 0, set(), []
     names = []
 
     def flush():
         nonlocal total
-        if shard is None:
+        if writer is None:
             return
-        fname = _shard_names(n_shards)[shard]
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-        for k, t in tensors.items():
-            weight_map[k] = fname
-            total += t.numel() * t.element_size()
+        writer.close()
+        for k in writer.entries:
+            weight_map[k] = writer.path.name
+        total += writer.nbytes
 
     for i, n, key, get in _iter_tensors(src.path):
         if i != shard:
             flush()
-            shard, n_shards, tensors = i, n, {}
+            shard, writer = i, ShardWriter(out_dir / _shard_names(n)[i], metadata={"format": "pt"})
         mem = _memory_name(adapter, key)
         disk = adapter.to_disk(mem)
-        if disk in weight_map or disk in tensors:
+        if disk in weight_map or disk in writer:
             raise FP8MixError(f"the source checkpoint stores {disk} twice; it is corrupt")
         module = mem[: -len(".weight")] if mem.endswith(".weight") else None
         t = get()
@@ -316,25 +316,27 @@ def _write_tensors(src: Source, quant: dict[str, QuantizedModule], fmt: FP8Forma
             q = quant[module]
             if tuple(t.shape) != q.shape:
                 raise FP8MixError(f"{key} has shape {tuple(t.shape)}, the model config says {q.shape}")
-            w_fp8, w_scale = quantize_weight(t, fmt, scale=q.weight_scale)
+            w_fp8, w_scale = quantize_weight_chunked(t, fmt, scale=q.weight_scale)
+            del t
             w_scale, x_scale = scale_layout(w_scale, q.input_scale, fmt)
             base = disk[: -len(".weight")]
-            tensors[disk] = w_fp8.contiguous()
-            tensors[base + ".weight_scale"] = w_scale.to(torch.float32).contiguous()
+            writer.add(disk, w_fp8)
+            writer.add(base + ".weight_scale", w_scale.to(torch.float32))
             if x_scale is not None:
-                tensors[base + ".input_scale"] = x_scale.to(torch.float32).contiguous()
+                writer.add(base + ".input_scale", x_scale.to(torch.float32))
             seen.add(module)
         else:
             if t.is_floating_point() and t.dtype != torch.bfloat16:
                 cast.append(f"{key}: {t.dtype}")
                 t = t.to(torch.bfloat16)
-            tensors[disk] = t.contiguous()
+            writer.add(disk, t)
         names.append(disk)
     flush()
     missing = sorted(set(quant) - seen)
     if missing:
         raise FP8MixError(f"the source checkpoint has no weight for {', '.join(missing[:5])}; "
                           "is it the model the plan was made for?")
+    n_shards = len(set(weight_map.values()))
     if n_shards > 1:
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},

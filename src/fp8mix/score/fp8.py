@@ -147,7 +147,9 @@ def compute_weight_scale(weight: torch.Tensor, fmt: FP8Format | str) -> torch.Te
     fmt = _fmt(fmt)
     _check_weight(weight)
     args = _weight_args(fmt)
-    w = weight.detach().to(torch.float32)
+    # min and max pick elements, so reducing in the weight's own dtype and widening the result to float32 gives
+    # the float32 reduction's numbers without a float32 copy of the whole weight
+    w = weight.detach()
     if args.strategy == QuantizationStrategy.TENSOR:
         lo, hi = torch.aminmax(w)
     elif args.strategy == QuantizationStrategy.CHANNEL:
@@ -159,7 +161,7 @@ def compute_weight_scale(weight: torch.Tensor, fmt: FP8Format | str) -> torch.Te
         blocks = w.unflatten(0, (-1, bh)).unflatten(-1, (-1, bw))  # [R, bh, C, bw]
         lo = torch.amin(blocks, dim=(1, 3))
         hi = torch.amax(blocks, dim=(1, 3))
-    scale, _ = calculate_qparams(lo, hi, args)
+    scale, _ = calculate_qparams(lo.to(torch.float32), hi.to(torch.float32), args)
     return scale.reshape(weight_scale_shape(weight.shape, fmt))
 
 
@@ -185,6 +187,37 @@ def quantize_weight(
     zero_point = torch.zeros(scale.shape, dtype=args.zp_dtype, device=weight.device)
     w_fp8 = quantize(x=weight.detach(), scale=scale, zero_point=zero_point, args=args, dtype=FP8_DTYPE)
     return w_fp8, scale
+
+
+CHUNK_ELEMENTS = 1 << 24
+
+
+def quantize_weight_chunked(weight: torch.Tensor, fmt: FP8Format | str, scale: torch.Tensor | None = None,
+                            chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_weight`` a block of rows at a time: the same bytes (every scale covers whole rows: the tensor, a
+    row, or 128-row blocks, and the rounding is elementwise), with the float32 temporaries of one block of about
+    ``chunk_elements`` instead of the whole weight. For exporting large weights with bounded memory."""
+    fmt = _fmt(fmt)
+    _check_weight(weight)
+    out_f, in_f = weight.shape
+    rows = max(BLOCK, chunk_elements // max(in_f, 1) // BLOCK * BLOCK)
+    if rows >= out_f:
+        return quantize_weight(weight, fmt, scale)
+    if scale is None:
+        scale = compute_weight_scale(weight, fmt)
+    scale = scale.to(device=weight.device, dtype=torch.float32).reshape(weight_scale_shape(weight.shape, fmt))
+    strategy = _weight_args(fmt).strategy
+    out = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
+        if strategy == QuantizationStrategy.TENSOR:
+            part = scale
+        elif strategy == QuantizationStrategy.CHANNEL:
+            part = scale[r0:r1]
+        else:
+            part = scale[r0 // BLOCK: -(-r1 // BLOCK)]
+        out[r0:r1] = quantize_weight(weight[r0:r1], fmt, part)[0]
+    return out, scale
 
 
 def dequantize_weight(

@@ -1,0 +1,42 @@
+"""Measure the CPU memory an export takes: `python export_memory.py MODEL_DIR|embedded PLAN.json OUT_DIR`.
+
+Prints JSON: the peak resident memory during export_checkpoint above the resident memory just before it (Linux:
+the VmHWM high-water mark is reset through /proc/self/clear_refs, then read back), and the largest input shard.
+Resident memory counts the pages of the memory-mapped input shard that were read, as well as the tensors held.
+A first export to a scratch folder runs before the measured one, so that the libraries it imports once (tokenizer,
+processor, compressed-tensors) are not counted: what is measured is what an export holds for the weights."""
+
+import json
+import sys
+from pathlib import Path
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def main(model: str, plan_file: str, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from fp8mix.export import export_checkpoint
+    from fp8mix.export.compressed_tensors import _source_files, source_of
+    from fp8mix.models import loading
+
+    arg = None if model == "embedded" else model
+    plan = json.loads(Path(plan_file).read_text())
+    shards = _source_files(source_of(arg).path)
+    export_checkpoint(arg, plan, Path(out + ".warmup"))
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
+    export_checkpoint(arg, plan, Path(out))
+    peak = _status("VmHWM")
+    print(json.dumps({"peak_above_start": peak - before, "largest_shard": max(f.stat().st_size for f in shards),
+                      "shards": len(shards), "model": str(loading.resolve(None if model == "embedded" else model)[1])}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,85 @@
+"""Export streams shard by shard: its peak CPU memory stays within 2x the largest input shard, on the embedded
+model and on a multi-shard checkpoint made here."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fp8mix.models import loading
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+
+
+def _full_plan(model_dir, tmp_path) -> Path:
+    """The catalog's full scheme for the model, planned from uniform scores (the export does not care why)."""
+    from fp8mix.models import adapter_for
+    from fp8mix.plan.catalog import load_catalog
+    from fp8mix.plan.planner import plan_scheme
+    from fp8mix.score.sensitivity import build_document
+    from fp8mix.score.settings import AutoQuantSettings
+
+    net, adapter = loading.build_empty(model_dir)
+    layout = adapter.layout(net)
+    settings = AutoQuantSettings()
+    sens = build_document("m", "f", layout, settings, {m: 1.0 for g in layout.groups for m in g.modules}, 1, 1)
+    catalog, _ = load_catalog(None)
+    plan = plan_scheme("fp8_autoquant_full", catalog, sens, layout, adapter, adapter.all_lm_linears(net))
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def _measure(model: str, plan: Path, out: Path) -> dict:
+    script = Path(__file__).with_name("export_memory.py")
+    r = subprocess.run([sys.executable, str(script), model, str(plan), str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"\nexport of {doc['shards']} shard(s), largest {doc['largest_shard'] / 1e6:.1f} MB: peak "
+          f"{doc['peak_above_start'] / 1e6:.1f} MB above the start ({doc['peak_above_start'] / doc['largest_shard']:.2f}x)")
+    return doc
+
+
+def test_embedded_export_peak_within_twice_its_shard(tmp_path):
+    doc = _measure("embedded", _full_plan(loading.EMBEDDED, tmp_path), tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert doc["peak_above_start"] <= 2 * doc["largest_shard"]
+
+
+@pytest.fixture(scope="module")
+def sharded_model(tmp_path_factory):
+    """A random Qwen2.5-VL of about 200 MB in BF16, saved in shards of at most 40 MB, with the embedded model's
+    tokenizer and processor files."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = json.loads((loading.EMBEDDED / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    text.update(hidden_size=768, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=12,
+                num_key_value_heads=4)
+    if "text_config" in cfg:
+        cfg["hidden_size"] = 768
+    cfg["vision_config"]["out_hidden_size"] = 768
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(cfg)).to(torch.bfloat16)
+    out = tmp_path_factory.mktemp("sharded")
+    model.save_pretrained(out, max_shard_size="40MB")
+    for f in loading.EMBEDDED.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "README.md") \
+                and not (out / f.name).exists():
+            shutil.copy(f, out)
+    return out
+
+
+def test_sharded_export_peak_within_twice_the_largest_shard(sharded_model, tmp_path):
+    doc = _measure(str(sharded_model), _full_plan(sharded_model, tmp_path), tmp_path / "out")
+    assert doc["shards"] >= 4
+    assert doc["peak_above_start"] <= 2 * doc["largest_shard"]
+    outs = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(outs) == doc["shards"]  # one output shard per input shard
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in outs}
