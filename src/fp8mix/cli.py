@@ -203,14 +203,14 @@ def check(run: Run, live: Annotated[bool, typer.Option("--live/--no-live", help=
 
 @app.command(name="eval")
 def eval_(run: Run, eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out samples")] = 64,
-          device: Device = "cpu", threads: Threads = None) -> None:
+          device: Device = "cpu", threads: Threads = None, device_map: DeviceMap = None) -> None:
     """Evaluate BF16 and every exported scheme on the held-out set: KL, top-1 agreement, perplexity, accuracy."""
     from .evaluate.stage import stage_eval
     from .pipeline import require_run, set_threads
 
     require_run(run)
     set_threads(threads)
-    doc = stage_eval(_options(run, device=device), eval_samples)
+    doc = stage_eval(_options(run, device=device, device_map=device_map), eval_samples)
     table = Table(title=f"quality vs BF16 ({doc['n_samples']} held-out samples)")
     for col in ("scheme", "eff. bits", "mean KL", "p99 KL", "top-1", "ppl", "accuracy", "LM MB"):
         table.add_column(col)
@@ -268,12 +268,14 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
         live: Annotated[bool, typer.Option("--live/--no-live", help="Live vLLM check where vLLM is importable")]
         = True,
         control_samples: Annotated[int, typer.Option("--control-samples", help="Held-out samples for the study's "
-                                                                               "control")] = 32) -> None:
+                                                                               "control")] = 32,
+        device_map: DeviceMap = None) -> None:
     """Every stage in order: score, plan, export, check, eval, report."""
     from .pipeline import run_all, set_threads
 
     set_threads(threads)
-    opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size)
+    opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size,
+                    device_map)
     run_all(opts, stop_after, {"eval": {"n_eval": eval_samples}, "check": {"live": live},
                                "study": {"n_control": control_samples}})
     console.print(f"run directory: {out}")

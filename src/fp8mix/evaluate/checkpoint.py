@@ -1,10 +1,11 @@
-"""Load an exported checkpoint into fp8mix's FP8 numerics: every FP8 layer becomes an FP8Linear holding the
+"""Run an exported checkpoint in fp8mix's FP8 numerics: every FP8 layer becomes an FP8Linear holding the
 checkpoint's own FP8 weight and scales (so evaluation measures the bytes vLLM serves, with activations quantized
-the way vLLM's kernels do); every other tensor is taken from the checkpoint as stored."""
+the way vLLM's kernels do); every other tensor is the checkpoint's as stored."""
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -27,55 +28,63 @@ def fp8_format_of(weight_scale: torch.Tensor, weight: torch.Tensor, has_input_sc
     return FP8Format.fp8_block
 
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+@contextmanager
+def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter) -> Iterator[list[str]]:
+    """Inside the block, `model` runs the checkpoint: each of its FP8 layers replaces the model's Linear (as an
+    FP8Linear holding the checkpoint's FP8 weight and scales, on that Linear's device), and any other tensor that
+    differs from the model's is copied in. On exit the model is the BF16 one again. Yields the FP8 module names.
+
+    The checkpoint is read one tensor at a time and the model is not copied, so a model spread over several GPUs
+    (device map) is evaluated in place, with at most one scheme's FP8 weights beside it."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FP8MixError(f"{folder} has no *.safetensors: export the scheme first (fp8mix export)")
-    out = {}
-    for f in files:
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
-    return out
-
-
-def load_quantized(reference: nn.Module, folder: Path, adapter: FamilyAdapter) -> tuple[nn.Module, list[str]]:
-    """A copy of `reference` carrying the checkpoint's weights; returns (model, FP8 module names)."""
-    tensors = read_tensors(folder)
-    model = copy.deepcopy(reference)
-    dtype = next(reference.parameters()).dtype
-    fp8_modules = []
     params = dict(model.named_parameters())
-    for disk, t in tensors.items():
-        if disk.endswith(SCALE_SUFFIXES):
-            continue
-        name = adapter.to_memory(disk)
-        if t.dtype == FP8_DTYPE:
-            mod_name = name.rsplit(".", 1)[0]
-            base = disk.rsplit(".", 1)[0]
-            scale = tensors.get(base + ".weight_scale")
-            if scale is None:
-                raise FP8MixError(f"{folder}: {disk} is FP8 but has no weight_scale")
-            inp = tensors.get(base + ".input_scale")
-            linear = model.get_submodule(mod_name)
-            fmt = fp8_format_of(scale, t, inp is not None)
-            bias = None if linear.bias is None else linear.bias.detach()
-            fp8 = FP8Linear(t.to(linear.weight.device), scale.to(linear.weight.device), bias, fmt,
-                            None if inp is None else inp.to(linear.weight.device))
+    swapped: dict[str, nn.Module] = {}
+    overwritten: dict[str, torch.Tensor] = {}
+    try:
+        with ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(f, "pt")) for f in files]
+            where = {k: h for h in handles for k in h.keys()}
+            for disk, fh in where.items():
+                if disk.endswith(SCALE_SUFFIXES):
+                    continue
+                name = adapter.to_memory(disk)
+                if fh.get_slice(disk).get_dtype() == "F8_E4M3":
+                    mod_name = name.rsplit(".", 1)[0]
+                    base = disk.rsplit(".", 1)[0]
+                    if base + ".weight_scale" not in where:
+                        raise FP8MixError(f"{folder}: {disk} is FP8 but has no weight_scale")
+                    linear = model.get_submodule(mod_name)
+                    dev = linear.weight.device
+                    t = fh.get_tensor(disk)
+                    scale = where[base + ".weight_scale"].get_tensor(base + ".weight_scale")
+                    inp = (where[base + ".input_scale"].get_tensor(base + ".input_scale")
+                           if base + ".input_scale" in where else None)
+                    bias = None if linear.bias is None else linear.bias.detach()
+                    fp8 = FP8Linear(t.to(dev), scale.to(dev), bias, fp8_format_of(scale, t, inp is not None),
+                                    None if inp is None else inp.to(dev))
+                    parent, _, child = mod_name.rpartition(".")
+                    swapped[mod_name] = linear
+                    setattr(model.get_submodule(parent), child, fp8)
+                elif name in params:
+                    p = params[name]
+                    t = fh.get_tensor(disk).to(device=p.device, dtype=p.dtype)
+                    if not torch.equal(t, p.detach()):
+                        overwritten.setdefault(name, p.detach().clone())
+                        with torch.no_grad():
+                            p.copy_(t)
+                elif not name.endswith("_zero_point"):
+                    raise FP8MixError(f"{folder}: tensor {disk} matches no parameter of the model")
+        # an FP8 layer's bias is checked above against the BF16 Linear's, which the FP8Linear shares
+        yield sorted(swapped)
+    finally:
+        for mod_name, linear in swapped.items():
             parent, _, child = mod_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, fp8)
-            fp8_modules.append(mod_name)
-        elif name in params:
-            with torch.no_grad():
-                params[name].copy_(t.to(dtype))
-        elif not name.endswith("_zero_point"):
-            raise FP8MixError(f"{folder}: tensor {disk} matches no parameter of the model")
-    # a bias stored for an FP8 layer was loaded into the replaced Linear's parameter above: carry it over
-    for mod_name in fp8_modules:
-        b = tensors.get(adapter.to_disk(mod_name) + ".bias")
-        if b is not None:
-            model.get_submodule(mod_name).bias = b.to(dtype)
-    return model, sorted(fp8_modules)
+            setattr(model.get_submodule(parent), child, linear)
+        with torch.no_grad():
+            for name, old in overwritten.items():
+                params[name].copy_(old)
 
 
 def checkpoint_bytes(folder: Path, adapter: FamilyAdapter, lm_linears: set[str]) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from .accuracy import answer_accuracy
 class Reference:
     """The BF16 model's outputs on the evaluation batches, computed once and shared by every scheme."""
 
-    logprobs: list[torch.Tensor]   # per batch: [tokens, vocab] at the counted positions
+    logprobs: list[torch.Tensor]   # per batch: [tokens, vocab] at the counted positions, in CPU memory
     top1: list[torch.Tensor]
     ppl: float
     answer_accuracy: float
@@ -33,7 +33,7 @@ def _positions(batch: dict) -> torch.Tensor:
 
 
 def _nll(logits: torch.Tensor, batch: dict) -> tuple[float, int]:
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:].to(logits.device)
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     keep = labels != -100
     picked = logp[keep].gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)
@@ -47,9 +47,9 @@ def reference(model, processor, batches: list[dict], samples) -> Reference:
     for b in batches:
         logits = model(**model_inputs(b), use_cache=False).logits
         pos = _positions(b)
-        lp = F.log_softmax(logits.float(), dim=-1)[pos]
-        logprobs.append(lp)
-        top1.append(lp.argmax(-1))
+        lp = F.log_softmax(logits.float(), dim=-1)[pos.to(logits.device)]
+        logprobs.append(lp.cpu())  # one batch at a time on the GPU; every scheme compares against these
+        top1.append(lp.argmax(-1).cpu())
         s, k = _nll(logits, b)
         nll, n = nll + s, n + k
     acc = answer_accuracy(model, processor, samples)
@@ -61,9 +61,9 @@ def compare(model, processor, batches: list[dict], samples, ref: Reference) -> d
     kls, agree, nll, n = [], [], 0.0, 0
     for b, ref_lp, ref_top in zip(batches, ref.logprobs, ref.top1):
         logits = model(**model_inputs(b), use_cache=False).logits
-        lp = F.log_softmax(logits.float(), dim=-1)[_positions(b)]
-        kls.append(F.kl_div(lp, ref_lp, reduction="none", log_target=True).sum(-1))
-        agree.append(lp.argmax(-1) == ref_top)
+        lp = F.log_softmax(logits.float(), dim=-1)[_positions(b).to(logits.device)]
+        kls.append(F.kl_div(lp, ref_lp.to(lp.device), reduction="none", log_target=True).sum(-1).cpu())
+        agree.append((lp.argmax(-1) == ref_top.to(lp.device)).cpu())
         s, k = _nll(logits, b)
         nll, n = nll + s, n + k
     kl = torch.cat(kls).double().clamp_min(0).numpy()

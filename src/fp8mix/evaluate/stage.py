@@ -10,7 +10,7 @@ from ..errors import FP8MixError
 from ..pipeline import RunOptions, catalog_of, overrides, progress, _model_arg
 from ..rundir import read_json, write_json
 from ..score.batches import calibration_samples, make_batches
-from .checkpoint import checkpoint_bytes, load_quantized
+from .checkpoint import checkpoint_bytes, scheme_applied
 from .metrics import compare, reference, reference_row
 
 EVAL_SEED = 0
@@ -38,7 +38,7 @@ def stage_eval(opts: RunOptions, n_eval: int = 64) -> dict:
             raise FP8MixError(f"{ckpt} is missing: run fp8mix export --run {opts.run} first")
         plans[name] = read_json(opts.run / "plans" / f"{name}.json", "plan")
 
-    loaded = loading.load(_model_arg(opts), device=opts.device)
+    loaded = loading.load(_model_arg(opts), device=opts.device, device_map=opts.device_map)
     model, proc, adapter = loaded.model, loaded.processor, loaded.adapter
     batches = make_batches(proc, samples, 8, 1024, opts.device)
     lm_linears = set(adapter.all_lm_linears(model))
@@ -50,14 +50,13 @@ def stage_eval(opts: RunOptions, n_eval: int = 64) -> dict:
              "effective_bits": 16.0}]
     for name in progress(list(catalog.schemes), "evaluating schemes"):
         ckpt = opts.run / "checkpoints" / name
-        qmodel, fp8 = load_quantized(model, ckpt, adapter)
-        if sorted(fp8) != plans[name]["fp8_modules"]:
-            raise FP8MixError(f"{ckpt} does not hold the FP8 layers its plan names; re-export it")
-        metrics = compare(qmodel, proc, batches, samples, ref)
+        with scheme_applied(model, ckpt, adapter) as fp8:
+            if fp8 != plans[name]["fp8_modules"]:
+                raise FP8MixError(f"{ckpt} does not hold the FP8 layers its plan names; re-export it")
+            metrics = compare(model, proc, batches, samples, ref)
         lm_bytes, total = checkpoint_bytes(ckpt, adapter, lm_linears)
         rows.append({"scheme": name, **metrics, "n_samples": len(samples), "lm_weight_bytes": lm_bytes,
                      "checkpoint_bytes": total, "effective_bits": plans[name]["effective_bits"]})
-        del qmodel
     doc = {"model": loaded.model_id, "data": data, "n_samples": len(samples), "eval_seed": EVAL_SEED,
            "kl": "KL(p_BF16 || p_scheme) per token, nats, over every non-padding position",
            "ppl_tokens": "assistant reply tokens", "accuracy": "exact match of the greedy reply (samples with answers)",

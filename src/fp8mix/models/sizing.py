@@ -79,7 +79,8 @@ def needs(layout: ModelLayout, d: Dims, tokens: int, largest_shard: int | None) 
         StageNeed("score --study (KL)", "GPU", fwd, "weights + FP8 copies + two sets of FP32 log-probabilities"),
         StageNeed("export", "CPU RAM", 2 * largest_shard if largest_shard else 0,
                   f"streams shard by shard: at most {shard} (fp8_static also loads the model to calibrate)"),
-        StageNeed("eval", "GPU", fwd, "BF16 weights + one scheme's FP8 layers swapped in place + log-probabilities"),
+        StageNeed("eval", "GPU", fwd, "BF16 weights + one scheme's FP8 layers swapped in place + one batch's log-probabilities (the "
+                  "reference's wait in CPU memory)"),
         StageNeed("vLLM, full scheme", "GPU", served, "weights only; vLLM fills the rest with KV cache"),
         StageNeed("checkpoints, default catalog", "disk", disk, f"{len(DEFAULT_FRACTIONS)} schemes"),
     ]

@@ -62,8 +62,10 @@ class QuantizedWeights:
         self.input_scales: dict[str, torch.Tensor | None] = {n: None for n in names}
 
     @torch.no_grad()
-    def calibrate(self, model: nn.Module, batches: list[dict], progress: Progress = _no_progress) -> None:
-        """fp8_static: the per-tensor input scale from the max |x| over every calibration token."""
+    def calibrate(self, model: nn.Module, batches: list[dict], progress: Progress = _no_progress,
+                  across_ranks: bool = True) -> None:
+        """fp8_static: the per-tensor input scale from the max |x| over every calibration token (under torchrun,
+        every rank's tokens, unless `across_ranks` is off because only this process calibrates)."""
         if self.fmt is not FP8Format.fp8_static:
             return
         amax = {n: torch.zeros((), dtype=torch.float32, device=m.weight.device) for n, m in self.modules.items()}
@@ -80,8 +82,9 @@ class QuantizedWeights:
         finally:
             for h in handles:
                 h.remove()
-        names = list(amax)
-        amax = dict(zip(names, distributed.all_reduce([amax[n] for n in names], "max")))
+        if across_ranks:
+            names = list(amax)
+            amax = dict(zip(names, distributed.all_reduce([amax[n] for n in names], "max")))
         self.input_scales = {n: static_input_scale(a) for n, a in amax.items()}
 
     def output(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,7 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
     from ..plan.planner import blocks_for_fraction
 
     qw = QuantizedWeights(model, [m for g in layout.groups for m in g.modules], fmt)
-    qw.calibrate(model, batches)
+    qw.calibrate(model, batches, across_ranks=False)  # the control runs in the main process alone
     refs = [F.log_softmax(model(**model_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
             for b in batches]
 

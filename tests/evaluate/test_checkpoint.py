@@ -1,0 +1,45 @@
+"""A checkpoint is evaluated in place: its FP8 layers swap in, other differing tensors are copied in, and the
+model is the BF16 one again afterwards."""
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fp8mix.evaluate.checkpoint import scheme_applied
+from fp8mix.score.fp8 import FP8Linear
+
+
+def _full_plan(embedded):
+    from fp8mix.plan.catalog import load_catalog
+    from fp8mix.plan.planner import plan_scheme
+    from fp8mix.score.sensitivity import build_document
+    from fp8mix.score.settings import AutoQuantSettings
+
+    layout, adapter = embedded.layout, embedded.adapter
+    scores = {m: 1.0 for g in layout.groups for m in g.modules}
+    sens = build_document("m", "f", layout, AutoQuantSettings(), scores, 1, 1)
+    catalog, _ = load_catalog(None)
+    return plan_scheme("fp8_autoquant_full", catalog, sens, layout, adapter, adapter.all_lm_linears(embedded.model))
+
+
+def test_scheme_swaps_in_and_back(embedded, tmp_path):
+    from fp8mix.export import export_checkpoint
+
+    plan = _full_plan(embedded)
+    ckpt = export_checkpoint(None, plan, tmp_path / "full")
+    model = embedded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a non-FP8 tensor that differs from the model's must be the checkpoint's inside the block
+    f = ckpt / "model.safetensors"
+    tensors = load_file(f)
+    key = "model.norm.weight"
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, f, metadata={"format": "pt"})
+    with scheme_applied(model, ckpt, embedded.adapter) as fp8:
+        assert fp8 == plan["fp8_modules"] and len(fp8) == 7 * embedded.layout.n_blocks
+        assert all(isinstance(model.get_submodule(m), FP8Linear) for m in fp8)
+        norm = model.get_submodule("model.language_model.norm").weight
+        assert torch.equal(norm, before["model.language_model.norm.weight"] * 2)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(isinstance(m, FP8Linear) for m in model.modules())
