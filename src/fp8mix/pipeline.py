@@ -72,7 +72,7 @@ class ScoreCache:
     def __init__(self, opts: RunOptions, model_id: str, path: Path):
         self.opts, self.model_id, self.path = opts, model_id, path
         self.loaded = None
-        self.timings: dict[str, float] = {}
+        self.timings: dict = {}
 
     def model(self):
         from .models import loading
@@ -84,6 +84,10 @@ class ScoreCache:
                                        device_map=self.opts.device_map)
             self.loaded.model_id = self.model_id
             self.timings["load_s"] = round(time.time() - t, 2)
+            placed = getattr(self.loaded.model, "hf_device_map", None) or {}
+            if self.opts.device_map:  # how accelerate spread the model: device-map entries per device
+                self.timings["placement"] = {str(d): sum(1 for v in placed.values() if v == d)
+                                             for d in sorted(set(placed.values()), key=str)}
         return self.loaded
 
     def get(self, key: str, settings) -> Path:

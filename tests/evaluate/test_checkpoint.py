@@ -6,25 +6,13 @@ from safetensors.torch import load_file, save_file
 
 from fp8mix.evaluate.checkpoint import scheme_applied
 from fp8mix.score.fp8 import FP8Linear
-
-
-def _full_plan(embedded):
-    from fp8mix.plan.catalog import load_catalog
-    from fp8mix.plan.planner import plan_scheme
-    from fp8mix.score.sensitivity import build_document
-    from fp8mix.score.settings import AutoQuantSettings
-
-    layout, adapter = embedded.layout, embedded.adapter
-    scores = {m: 1.0 for g in layout.groups for m in g.modules}
-    sens = build_document("m", "f", layout, AutoQuantSettings(), scores, 1, 1)
-    catalog, _ = load_catalog(None)
-    return plan_scheme("fp8_autoquant_full", catalog, sens, layout, adapter, adapter.all_lm_linears(embedded.model))
+from uniform_plans import uniform_plan
 
 
 def test_scheme_swaps_in_and_back(embedded, tmp_path):
     from fp8mix.export import export_checkpoint
 
-    plan = _full_plan(embedded)
+    plan = uniform_plan(None)
     ckpt = export_checkpoint(None, plan, tmp_path / "full")
     model = embedded.model
     before = {k: v.clone() for k, v in model.state_dict().items()}

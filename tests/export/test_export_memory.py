@@ -11,27 +11,9 @@ import pytest
 import torch
 
 from fp8mix.models import loading
+from uniform_plans import write_uniform_plan
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-
-
-def _full_plan(model_dir, tmp_path) -> Path:
-    """The catalog's full scheme for the model, planned from uniform scores (the export does not care why)."""
-    from fp8mix.models import adapter_for
-    from fp8mix.plan.catalog import load_catalog
-    from fp8mix.plan.planner import plan_scheme
-    from fp8mix.score.sensitivity import build_document
-    from fp8mix.score.settings import AutoQuantSettings
-
-    net, adapter = loading.build_empty(model_dir)
-    layout = adapter.layout(net)
-    settings = AutoQuantSettings()
-    sens = build_document("m", "f", layout, settings, {m: 1.0 for g in layout.groups for m in g.modules}, 1, 1)
-    catalog, _ = load_catalog(None)
-    plan = plan_scheme("fp8_autoquant_full", catalog, sens, layout, adapter, adapter.all_lm_linears(net))
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(plan))
-    return path
 
 
 def _measure(model: str, plan: Path, out: Path) -> dict:
@@ -46,7 +28,7 @@ def _measure(model: str, plan: Path, out: Path) -> dict:
 
 
 def test_embedded_export_peak_within_twice_its_shard(tmp_path):
-    doc = _measure("embedded", _full_plan(loading.EMBEDDED, tmp_path), tmp_path / "out")
+    doc = _measure("embedded", write_uniform_plan(None, tmp_path / "plan.json"), tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert doc["peak_above_start"] <= 2 * doc["largest_shard"]
 
@@ -76,7 +58,7 @@ def sharded_model(tmp_path_factory):
 
 
 def test_sharded_export_peak_within_twice_the_largest_shard(sharded_model, tmp_path):
-    doc = _measure(str(sharded_model), _full_plan(sharded_model, tmp_path), tmp_path / "out")
+    doc = _measure(str(sharded_model), write_uniform_plan(sharded_model, tmp_path / "plan.json"), tmp_path / "out")
     assert doc["shards"] >= 4
     assert doc["peak_above_start"] <= 2 * doc["largest_shard"]
     outs = sorted((tmp_path / "out").glob("*.safetensors"))

@@ -189,7 +189,7 @@ def quantize_weight(
     return w_fp8, scale
 
 
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 20
 
 
 def quantize_weight_chunked(weight: torch.Tensor, fmt: FP8Format | str, scale: torch.Tensor | None = None,
