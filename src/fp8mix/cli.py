@@ -27,9 +27,14 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def _root(ctx: typer.Context,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
-    pass
+    from .score import distributed
+
+    if distributed.launched() and ctx.invoked_subcommand != "score":
+        raise FP8MixError(f"only `fp8mix score` runs under torchrun; run `fp8mix {ctx.invoked_subcommand}` as one "
+                          "process (it can still use several GPUs with --device-map auto)")
 
 
 @app.command()

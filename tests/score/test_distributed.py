@@ -90,3 +90,10 @@ def test_gpus_without_gpus_is_one_clear_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "needs 2 CUDA GPU" in lines[0] and "torchrun" in lines[0]
+
+
+def test_other_commands_refuse_torchrun(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fp8mix", "plan", "--run", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "only `fp8mix score` runs under torchrun" in lines[0]
