@@ -169,15 +169,16 @@ def plan(run: Run, catalog: CatalogOpt = None, calib_samples: CalibSamples = Non
 @app.command()
 def export(run: Run, scheme: Annotated[Optional[str], typer.Option("--scheme", help="One scheme (default: all)")] = None,
            fmt: Annotated[str, typer.Option("--format", help="compressed-tensors or modelopt")] = "compressed-tensors",
-           device: Device = "cpu", force: Force = False) -> None:
-    """Write one vLLM-loadable checkpoint per plan to checkpoints/<scheme>/."""
+           device: Device = "cpu", force: Force = False, device_map: DeviceMap = None) -> None:
+    """Write one vLLM-loadable checkpoint per plan to checkpoints/<scheme>/ (streamed from the source files; the
+    model is loaded only to calibrate fp8_static input scales, on --device / --device-map)."""
     from .export.stage import stage_export
     from .pipeline import require_run
 
     require_run(run)
     if fmt not in ("compressed-tensors", "modelopt"):
         raise FP8MixError(f"unknown --format {fmt!r}; use compressed-tensors or modelopt")
-    stage_export(_options(run, device=device, force=force), scheme=scheme, fmt=fmt)
+    stage_export(_options(run, device=device, force=force, device_map=device_map), scheme=scheme, fmt=fmt)
     console.print(f"checkpoints in {run / 'checkpoints'}")
 
 

@@ -17,7 +17,8 @@ def test_export_one_scheme_then_skip(export_run):
     marker = json.loads((ckpt / "fp8mix_plan.json").read_text())
     assert marker["schema"] == "fp8mix/export/v1" and marker["scheme"] == "fp8_autoquant_top25"
     rec = manifest.load(export_run.run)["stages"]["export"]
-    assert rec["checkpoints"]["fp8_autoquant_top25"]["skipped"] is False and "load_s" in rec
+    assert rec["checkpoints"]["fp8_autoquant_top25"]["skipped"] is False
+    assert "load_s" not in rec  # fp8_dynamic: the weights stream from the files, the model is never loaded
     mtime = (ckpt / "model.safetensors").stat().st_mtime_ns
 
     stage_export(export_run, scheme="fp8_autoquant_top25")          # unchanged plan: kept

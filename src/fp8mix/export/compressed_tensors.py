@@ -79,9 +79,12 @@ class Source:
 
 
 def source_of(loaded_or_model_path) -> Source:
-    """A Source from a LoadedModel, or from a model folder / hub id / None (embedded), read without weights."""
+    """A Source from a LoadedModel, or from a model folder / hub id / None (embedded), read without weights (a
+    Source is returned as it is)."""
     from ..models import loading
 
+    if isinstance(loaded_or_model_path, Source):
+        return loaded_or_model_path
     if isinstance(loaded_or_model_path, loading.LoadedModel):
         lm = loaded_or_model_path
         return Source(Path(lm.path), lm.model_id, lm.fingerprint, lm.adapter, lm.layout,

@@ -1,8 +1,9 @@
 """The export stage: every plan of a run (or one scheme) as a checkpoint under ``checkpoints/``.
 
-``checkpoints/<scheme>/`` (compressed-tensors) or ``checkpoints/<scheme>-modelopt/``. The model is loaded once, in
-BF16, and only if some checkpoint is missing or stale: a checkpoint whose ``fp8mix_plan.json`` records the same
-export key (plan sha256, writer, model fingerprint, fp8_static calibration settings) is kept unless ``--force``.
+``checkpoints/<scheme>/`` (compressed-tensors) or ``checkpoints/<scheme>-modelopt/``. The weights stream from the
+source's safetensors files; the model is loaded (once, in BF16) only to calibrate fp8_static input scales. A
+checkpoint whose ``fp8mix_plan.json`` records the same export key (plan sha256, writer, model fingerprint, fp8_static
+calibration settings) is kept unless ``--force``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .compressed_tensors import (
     export_key,
     plan_format,
     read_marker,
+    source_of,
 )
 from .modelopt import export_modelopt, quant_algo
 
@@ -102,11 +104,11 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
 
     timings: dict = {}
     if todo:
-        t = time.time()
-        loaded = loading.load(str(path) if model_id != loading.EMBEDDED_ID else None, device=opts.device,
-                              dtype=torch.bfloat16)
-        loaded.model_id = model_id
-        timings["load_s"] = round(time.time() - t, 2)
+        # The weights stream from the source files; the model itself is loaded only to calibrate fp8_static
+        # input scales (on --device, spread with --device-map auto).
+        src = source_of(str(path) if model_id != loading.EMBEDDED_ID else None)
+        src.model_id = model_id
+        loaded = None
         writer = FORMATS[fmt][1]
         scales_cache: dict[str, dict] = {}   # calibration key -> input scales of every LM linear
         for name in progress(list(todo), f"exporting {len(todo)} checkpoint(s) ({fmt})"):
@@ -114,6 +116,12 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
             t = time.time()
             scales = None
             if calib is not None:
+                if loaded is None:
+                    tl = time.time()
+                    loaded = loading.load(str(path) if model_id != loading.EMBEDDED_ID else None,
+                                          device=opts.device, dtype=torch.bfloat16, device_map=opts.device_map)
+                    loaded.model_id = model_id
+                    timings["load_s"] = round(time.time() - tl, 2)
                 settings = _calibration(opts, catalog, name)
                 k = settings.key(fingerprint)
                 if k not in scales_cache:
@@ -125,7 +133,7 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
                     scales_cache[k] = calibrate_input_scales(loaded.model, linears, batches)
                     timings[f"calibrate_{k}_s"] = round(time.time() - tc, 2)
                 scales = scales_cache[k]
-            writer(loaded, plan, dest, input_scales=scales, calibration=calib)
+            writer(loaded if calib is not None else src, plan, dest, input_scales=scales, calibration=calib)
             seconds = round(time.time() - t, 2)
             record[name] = {"path": str(dest), "seconds": seconds, "skipped": False}
             console.print(f"export {name}: wrote {dest} in {seconds:.1f} s")
