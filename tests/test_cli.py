@@ -1,3 +1,4 @@
+import os
 import json
 import shutil
 import subprocess
@@ -61,3 +62,11 @@ def test_unsupported_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     line = _one_line_error(fp8mix("info", "--model", str(tmp_path)))
     assert "unsupported architecture 'LlamaForCausalLM'" in line and "Qwen2_5_VLForConditionalGeneration" in line
+
+
+def test_schemes_for_a_shipped_family_config_needs_no_network():
+    r = subprocess.run([sys.executable, "-m", "fp8mix", "schemes", "--model", "Qwen/Qwen2.5-VL-72B-Instruct"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200",
+                                                                          "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "20/80 blocks" in r.stdout and "40/80 blocks" in r.stdout and "80/80 blocks" in r.stdout

@@ -244,8 +244,10 @@ def schemes(catalog: CatalogOpt = None, model: ModelOpt = None) -> None:
     from .plan.catalog import load_catalog
     from .plan.planner import blocks_for_fraction
 
+    from .models.info import locate
+
     cat, path = load_catalog(catalog)
-    _, mpath = loading.resolve(model)
+    _, mpath, _ = locate(model)  # config only: the shipped family configs need no network
     net, adapter = loading.build_empty(mpath)
     layout = adapter.layout(net)
     table = Table(title=f"schemes of {path} (version {cat.version})", show_lines=True)

@@ -14,14 +14,13 @@ from . import manifest
 from .errors import FP8MixError
 from .plan.catalog import Catalog, load_catalog
 from .rundir import read_json, write_json
+from .score import distributed
 
 console = Console(stderr=True)
 
 
 def progress(iterable, description: str):
     """A rich progress bar over a sized iterable (on the main process only, under torchrun)."""
-    from .score import distributed
-
     items = list(iterable)
     if not distributed.is_main():
         yield from items
@@ -93,7 +92,6 @@ class ScoreCache:
     def get(self, key: str, settings) -> Path:
         """The scores file of `settings`, scored now if missing. Under torchrun every rank takes part in the pass
         and the main one writes the file; the barrier keeps every rank's view of the cache the same."""
-        from .score import distributed
         from .score.sensitivity import score
 
         out = score_path(self.opts.run, key)
@@ -125,8 +123,6 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
     cache = ScoreCache(opts, model_id, path)
     done = {key: cache.get(key, settings) for key, settings in wanted.items()}
     timings = cache.timings
-    from .score import distributed
-
     if not distributed.is_main():
         return done
     default_key = catalog.settings(next(iter(catalog.schemes)), **over).key(fingerprint)
@@ -200,8 +196,6 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
         docs[label] = doc
         runs.append({"label": label, "settings_key": key, "settings": doc["settings"], "blocks": doc["blocks"],
                      "groups": {g["name"]: g["score"] for g in doc["groups"]}})
-    from .score import distributed
-
     if not distributed.is_main():  # the study's scoring passes were shared; the control runs on one process
         return {}
     loaded = cache.model()
