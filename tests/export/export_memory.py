@@ -8,6 +8,7 @@ processor, compressed-tensors) are not counted: what is measured is what an expo
 
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -32,10 +33,12 @@ def main(model: str, plan_file: str, out: str) -> None:
     export_checkpoint(arg, plan, Path(out + ".warmup"))
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
+    t = time.perf_counter()
     export_checkpoint(arg, plan, Path(out))
+    seconds = time.perf_counter() - t
     peak = _status("VmHWM")
     print(json.dumps({"peak_above_start": peak - before, "largest_shard": max(f.stat().st_size for f in shards),
-                      "shards": len(shards), "model": str(loading.resolve(None if model == "embedded" else model)[1])}))
+                      "shards": len(shards), "seconds": round(seconds, 2), "model": str(loading.resolve(None if model == "embedded" else model)[1])}))
 
 
 if __name__ == "__main__":
