@@ -110,8 +110,10 @@ def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: 
         done = stage_score(opts)
         if study:
             stage_study(opts)
-    finally:
-        distributed.close()
+    except BaseException:
+        distributed.leave()  # no barrier: the other ranks may be waiting in a collective; torchrun stops them
+        raise
+    distributed.close()
     if main:
         console.print(f"wrote {run / 'sensitivity.json'} ({len(done)} scoring pass(es) in {run / 'scores'}"
                       + (f", {n} processes)" if n > 1 else ")"))

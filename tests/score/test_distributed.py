@@ -97,3 +97,13 @@ def test_other_commands_refuse_torchrun(tmp_path):
                        text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "only `fp8mix score` runs under torchrun" in lines[0]
+
+
+def test_a_failure_under_torchrun_ends_every_process(tmp_path):
+    """Bad input under torchrun: each process says why in one line and the launch ends (no rank left waiting)."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "fp8mix", "score", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "nope.jsonl")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and all("nope.jsonl" in ln for ln in errors)

@@ -101,5 +101,11 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["active", "all_reduce", "barrier", "close", "init", "is_main", "launched", "local_gpus", "rank", "shard",
-           "world_size"]
+def leave() -> None:
+    """Leave the group after a failure, without waiting for the others."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["active", "all_reduce", "barrier", "close", "init", "is_main", "launched", "leave", "local_gpus", "rank",
+           "shard", "world_size"]
