@@ -35,13 +35,14 @@ def test_embedded_export_peak_within_twice_its_shard(tmp_path):
 
 @pytest.fixture(scope="module")
 def sharded_model(tmp_path_factory):
-    """A random Qwen2.5-VL of about 200 MB in BF16, saved in shards of at most 40 MB, with the embedded model's
-    tokenizer and processor files."""
+    """A random Qwen2.5-VL of about 290 MB in BF16, saved in shards of at most 80 MB (published checkpoints: shards
+    of ~5 GB, tensors of at most ~0.5 GB), with the embedded model's tokenizer and processor files."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     cfg = json.loads((loading.EMBEDDED / "config.json").read_text())
     text = cfg.get("text_config", cfg)
-    text.update(hidden_size=768, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=12,
+    text.pop("layer_types", None)  # one entry per layer: rebuilt for the new depth
+    text.update(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
                 num_key_value_heads=4)
     if "text_config" in cfg:
         cfg["hidden_size"] = 768
@@ -49,7 +50,7 @@ def sharded_model(tmp_path_factory):
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(cfg)).to(torch.bfloat16)
     out = tmp_path_factory.mktemp("sharded")
-    model.save_pretrained(out, max_shard_size="40MB")
+    model.save_pretrained(out, max_shard_size="80MB")
     for f in loading.EMBEDDED.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "README.md") \
                 and not (out / f.name).exists():
