@@ -27,9 +27,8 @@ for p in (REPO / "src", REPO / "tests", REPO / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_scale import arch_config, materialize, meta_model  # noqa: E402
+from random_models import add_embedded_processor  # noqa: E402
 from uniform_plans import write_uniform_plan  # noqa: E402
-
-from fp8mix.models import loading  # noqa: E402
 
 
 def main() -> None:
@@ -48,10 +47,7 @@ def main() -> None:
     materialize(model, {"": 0 if torch.cuda.is_available() else "cpu"})
     model.to("cpu").save_pretrained(model_dir, max_shard_size=args.shard_size)
     del model
-    for f in loading.EMBEDDED.iterdir():  # processor and tokenizer files: the export copies them along
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "README.md") \
-                and not (model_dir / f.name).exists():
-            shutil.copy(f, model_dir)
+    add_embedded_processor(model_dir)
     build_s = time.perf_counter() - t
     plan = write_uniform_plan(model_dir, work / "plan.json")
     r = subprocess.run([sys.executable, str(REPO / "tests" / "export" / "export_memory.py"), str(model_dir),

@@ -58,10 +58,7 @@ CONFIGS = REPO / "src" / "fp8mix" / "models" / "configs"
 
 
 def arch_config(name: str, tiny: bool) -> dict:
-    import bench_scoring
-
-    bench_scoring.CONFIG = CONFIGS / f"qwen2_5_vl_{name}.json"
-    return load_config(tiny)
+    return load_config(tiny, CONFIGS / f"qwen2_5_vl_{name}.json")
 
 
 def meta_model(cfg: dict):

@@ -79,8 +79,8 @@ T0 = time.perf_counter()
 
 
 # ---------------------------------------------------------------------------------------------- model and data
-def load_config(tiny: bool) -> dict:
-    cfg = json.loads(CONFIG.read_text())
+def load_config(tiny: bool, path: Path = CONFIG) -> dict:
+    cfg = json.loads(path.read_text())
     if tiny:
         cfg.update(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_window_layers=2)

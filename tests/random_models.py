@@ -1,4 +1,6 @@
-"""Small random Qwen2.5-VL configs built inside the tests."""
+"""Small random Qwen2.5-VL configs built inside the tests, and what a random model folder needs besides weights."""
+
+from pathlib import Path
 
 
 def tiny_random_config(**text):
@@ -16,3 +18,17 @@ def tiny_random_config(**text):
                            fullatt_block_indexes=[1]),
         image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
         tie_word_embeddings=t["tie_word_embeddings"])
+
+
+def add_embedded_processor(folder: Path) -> None:
+    """Copy the embedded model's processor, tokenizer, chat template and generation config (the files the export
+    carries along: AUX_FILES) into a folder of random weights, so that it exports and loads like a real one."""
+    import shutil
+
+    from fp8mix.export.compressed_tensors import AUX_FILES
+    from fp8mix.models.loading import EMBEDDED
+
+    for pattern in AUX_FILES:
+        for f in EMBEDDED.glob(pattern):
+            if f.is_file() and not (Path(folder) / f.name).exists():
+                shutil.copy(f, folder)

@@ -2,7 +2,6 @@
 model and on a multi-shard checkpoint made here."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from fp8mix.models import loading
+from random_models import add_embedded_processor
 from uniform_plans import write_uniform_plan
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
@@ -51,10 +51,7 @@ def sharded_model(tmp_path_factory):
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(cfg)).to(torch.bfloat16)
     out = tmp_path_factory.mktemp("sharded")
     model.save_pretrained(out, max_shard_size="80MB")
-    for f in loading.EMBEDDED.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "README.md") \
-                and not (out / f.name).exists():
-            shutil.copy(f, out)
+    add_embedded_processor(out)
     return out
 
 

@@ -106,7 +106,8 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
     if todo:
         # The weights stream from the source files; the model itself is loaded only to calibrate fp8_static
         # input scales (on --device, spread with --device-map auto).
-        src = source_of(str(path) if model_id != loading.EMBEDDED_ID else None)
+        source_arg = str(path) if model_id != loading.EMBEDDED_ID else None
+        src = source_of(source_arg)
         src.model_id = model_id
         loaded = None
         writer = FORMATS[fmt][1]
@@ -118,8 +119,8 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
             if calib is not None:
                 if loaded is None:
                     tl = time.time()
-                    loaded = loading.load(str(path) if model_id != loading.EMBEDDED_ID else None,
-                                          device=opts.device, dtype=torch.bfloat16, device_map=opts.device_map)
+                    loaded = loading.load(source_arg, device=opts.device, dtype=torch.bfloat16,
+                                          device_map=opts.device_map)
                     loaded.model_id = model_id
                     timings["load_s"] = round(time.time() - tl, 2)
                 settings = _calibration(opts, catalog, name)

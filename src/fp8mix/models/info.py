@@ -73,8 +73,7 @@ def describe(model: str | None, console: Console, batch_size: int = 8, max_lengt
     for s in stages:
         mem.add_row(s.stage, s.where, _gb(s.bytes) if s.bytes else "-", s.holds)
     console.print(mem)
-    score_need = stages[1].bytes
-    gpus = sizing.gpus_needed(score_need)
+    gpus = sizing.gpus_needed(next(s.bytes for s in stages if s.stage == "score --low-memory"))
     console.print("scoring (--low-memory) fits on " + " or ".join(f"{n} x {name} GPU" + ("s" if n > 1 else "")
                                                     for name, n in gpus.items())
                   + (" with --device-map auto" if max(gpus.values()) > 1 else "")
