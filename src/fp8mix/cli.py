@@ -63,16 +63,23 @@ TextOnly = Annotated[bool, typer.Option("--text-only", help="Drop the images fro
 Method = Annotated[Optional[str], typer.Option("--method", help="gradient (default) or kl_div")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Calibration seed")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Calibration batch size")]
+MaxLength = Annotated[Optional[int], typer.Option(
+    "--max-length", min=16, help="Tokens per sample (default 1024); longer samples are dropped and counted, never cut")]
+MaxPixels = Annotated[Optional[int], typer.Option(
+    "--max-pixels", min=784, help="Larger images are scaled down to this many pixels first (default 401408 = 512 "
+                                  "image tokens)")]
 DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="auto: spread the model over the GPUs "
                                                                        "(accelerate), for models larger than one GPU")]
 
 
 def _options(run, model=None, catalog=None, device="cpu", force=False, calib_samples=None, data=None,
-             text_only=False, method=None, seed=None, batch_size=None, device_map=None):
+             text_only=False, method=None, seed=None, batch_size=None, device_map=None, max_length=None,
+             max_pixels=None):
     from .pipeline import RunOptions
 
     overrides = {"calib_samples": calib_samples, "data": data, "method": method, "seed": seed,
-                 "batch_size": batch_size, "with_images": False if text_only else None}
+                 "batch_size": batch_size, "with_images": False if text_only else None, "max_length": max_length,
+                 "max_pixels": max_pixels}
     return RunOptions(run=run, model=model, catalog=catalog, device=device, device_map=device_map, force=force,
                       score_overrides={k: v for k, v in overrides.items() if v is not None})
 
@@ -81,6 +88,7 @@ def _options(run, model=None, catalog=None, device="cpu", force=False, calib_sam
 def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: Device = "cpu",
           calib_samples: CalibSamples = None, data: Data = None, text_only: TextOnly = False, method: Method = None,
           seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False,
+          max_length: MaxLength = None, max_pixels: MaxPixels = None,
           study: Annotated[bool, typer.Option("--study", help="Also score under the study's configs (seeds, "
                                                               "sample counts, text only, KL) and run the control")]
           = False, device_map: DeviceMap = None,
@@ -103,7 +111,7 @@ def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: 
     set_threads(threads)
     device = distributed.init(device)
     opts = _options(run, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size,
-                    device_map)
+                    device_map, max_length, max_pixels)
     opts.low_memory = low_memory
     main, n = distributed.is_main(), distributed.world_size()
     try:
@@ -211,14 +219,16 @@ def check(run: Run, live: Annotated[bool, typer.Option("--live/--no-live", help=
 
 @app.command(name="eval")
 def eval_(run: Run, eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out samples")] = 64,
-          device: Device = "cpu", threads: Threads = None, device_map: DeviceMap = None) -> None:
+          device: Device = "cpu", threads: Threads = None, device_map: DeviceMap = None,
+          max_length: MaxLength = None, max_pixels: MaxPixels = None) -> None:
     """Evaluate BF16 and every exported scheme on the held-out set: KL, top-1 agreement, perplexity, accuracy."""
     from .evaluate.stage import stage_eval
     from .pipeline import require_run, set_threads
 
     require_run(run)
     set_threads(threads)
-    doc = stage_eval(_options(run, device=device, device_map=device_map), eval_samples)
+    doc = stage_eval(_options(run, device=device, device_map=device_map, max_length=max_length,
+                              max_pixels=max_pixels), eval_samples)
     table = Table(title=f"quality vs BF16 ({doc['n_samples']} held-out samples)")
     for col in ("scheme", "eff. bits", "mean KL", "p99 KL", "top-1", "ppl", "accuracy", "LM MB"):
         table.add_column(col)
@@ -279,13 +289,13 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
         = True,
         control_samples: Annotated[int, typer.Option("--control-samples", help="Held-out samples for the study's "
                                                                                "control")] = 32,
-        device_map: DeviceMap = None) -> None:
+        device_map: DeviceMap = None, max_length: MaxLength = None, max_pixels: MaxPixels = None) -> None:
     """Every stage in order: score, plan, export, check, eval, report."""
     from .pipeline import run_all, set_threads
 
     set_threads(threads)
     opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size,
-                    device_map)
+                    device_map, max_length, max_pixels)
     run_all(opts, stop_after, {"eval": {"n_eval": eval_samples}, "check": {"live": live},
                                "study": {"n_control": control_samples}})
     console.print(f"run directory: {out}")

@@ -180,7 +180,7 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
     """Score the default setting under the study's configs, compare them, and run the held-out control."""
     from .evaluate.stage import eval_samples
     from .models import loading
-    from .score.batches import make_batches
+    from .score.batches import fitted, make_batches
     from .score.study import consistently_sensitive, control, kind_patterns, rank_stability, study_configs
 
     t0 = time.time()
@@ -199,7 +199,8 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
     if not distributed.is_main():  # the study's scoring passes were shared; the control runs on one process
         return {}
     loaded = cache.model()
-    samples = eval_samples(base.data, n_control)
+    samples, _ = fitted(loaded.processor, eval_samples(base.data, n_control), base.max_pixels, base.max_length,
+                        "control")
     batches = make_batches(loaded.processor, samples, 8, base.max_length, opts.device)
     study = {
         "stability": rank_stability(docs),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+
+from ..errors import FP8MixError
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,23 @@ def assistant_turn(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+END_OF_TURN = "<|im_end|>"
+# Images larger than this many pixels are scaled down (aspect kept) before the processor sees them: 512 merged
+# 28x28 patches, so that a photo and its text fit the default --max-length of 1024 tokens. Qwen's own default
+# (12.8 M pixels, ~16 k tokens) would not fit any scoring batch.
+DEFAULT_MAX_PIXELS = 512 * 28 * 28
+DEFAULT_MAX_LENGTH = 1024
+
+
 def _assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     """True on the tokens of every assistant reply, its closing <|im_end|> included.
 
-    The chat template gives no offsets, so the replies are found by the token pattern
-    `<|im_start|>assistant\n` ... `<|im_end|>`.
+    The Qwen chat templates mark no generation span (no `{% generation %}` block), so the replies are found by the
+    token pattern `<|im_start|>assistant\n` ... `<|im_end|>` in the rendered, tokenized conversation.
     """
-    header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
+    im_end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     mask = torch.zeros_like(input_ids, dtype=torch.bool)
     n = len(header)
     for row, ids in enumerate(input_ids.tolist()):
@@ -81,24 +93,70 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def _render(processor, sample: ChatSample, for_generation: bool) -> str:
+    msgs = sample.prompt_messages() if for_generation else sample.messages
+    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=for_generation)
+
+
 def encode(processor, samples: list[ChatSample], *, for_generation: bool = False,
            max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Tokenize a batch. Training/scoring batches are right-padded with labels on the assistant replies only;
-    generation batches are left-padded prompts that end with the assistant header."""
-    texts, images = [], []
-    for s in samples:
-        msgs = s.prompt_messages() if for_generation else s.messages
-        texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=for_generation))
-        images.extend(s.images)
+    """Tokenize a batch: every output of the processor, as transformers' own processor -> model path passes it.
+
+    Qwen2.5-VL needs `mm_token_type_ids` (with `image_grid_thw`) to give image tokens their 3-D M-RoPE positions;
+    without it transformers silently falls back to 1-D positions, which is not the model vLLM serves. So nothing the
+    processor returns is dropped. Training/scoring batches are right-padded with labels on the assistant replies
+    only (an error when a sample has no reply token to supervise); generation batches are left-padded prompts that
+    end with the assistant header. Sequences are never truncated (cutting inside an image breaks the sample):
+    a sample longer than `max_length` is an error here; `fit_samples` drops such samples beforehand.
+    """
+    texts = [_render(processor, s, for_generation) for s in samples]
+    images = [img for s in samples for img in s.images]
     tok = processor.tokenizer
     tok.padding_side = "left" if for_generation else "right"
-    kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
-    enc = processor(text=texts, images=images or None, return_tensors="pt", padding=True, **kwargs)
-    enc = dict(enc)
-    enc.pop("mm_token_type_ids", None)
+    enc = dict(processor(text=texts, images=images or None, return_tensors="pt", padding=True))
+    lengths = enc["attention_mask"].sum(1)
+    if max_length is not None and int(lengths.max()) > max_length:
+        too_long = int((lengths > max_length).sum())
+        raise FP8MixError(f"{too_long} sample(s) exceed --max-length {max_length} tokens (longest "
+                          f"{int(lengths.max())}); raise --max-length or lower --max-pixels")
     if not for_generation:
         labels = enc["input_ids"].clone()
         labels[~_assistant_label_mask(enc["input_ids"], tok)] = -100
         labels[enc["attention_mask"] == 0] = -100
+        unsupervised = int(((labels != -100).sum(1) == 0).sum())
+        if unsupervised:
+            raise FP8MixError(
+                f"{unsupervised} of {len(samples)} sample(s) have no supervised token: fp8mix supervises the assistant "
+                f"replies, found after the header {ASSISTANT_HEADER!r} up to {END_OF_TURN!r} in the rendered chat "
+                "template, and found none; every sample needs a final assistant reply and the chat template must "
+                "render that header (use the model's own Qwen chat template)")
         enc["labels"] = labels
     return enc
+
+
+def fit_image(image: Image.Image, max_pixels: int) -> Image.Image:
+    """The image scaled down (aspect ratio kept, bicubic) to at most `max_pixels` pixels; unchanged if it fits."""
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (w * h))
+    size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def fit_samples(processor, samples: list[ChatSample], max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                max_length: int | None = DEFAULT_MAX_LENGTH) -> tuple[list[ChatSample], int]:
+    """Samples made to fit: images scaled down to `max_pixels`, then any sample whose full conversation is still
+    longer than `max_length` tokens dropped. Returns (kept samples, number dropped). The same fitted images go to
+    every engine (transformers and vLLM) so both see the same pixels."""
+    kept, dropped = [], 0
+    for s in samples:
+        if max_pixels is not None and s.images:
+            s = ChatSample(s.messages, [fit_image(im, max_pixels) for im in s.images], s.answer, s.source)
+        if max_length is not None:
+            enc = processor(text=[_render(processor, s, False)], images=s.images or None, return_tensors="pt")
+            if enc["input_ids"].shape[1] > max_length:
+                dropped += 1
+                continue
+        kept.append(s)
+    return kept, dropped

@@ -69,7 +69,7 @@ def _calibration(opts: RunOptions, catalog, name: str):
 def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compressed-tensors") -> dict[str, Path]:
     """Export every plan (or one scheme) of the run; returns {scheme: checkpoint folder}."""
     from ..models import loading
-    from ..score.batches import calibration_samples, make_batches
+    from ..score.batches import calibration_batches
 
     if fmt not in FORMATS:
         raise FP8MixError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -127,8 +127,7 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
                 k = settings.key(fingerprint)
                 if k not in scales_cache:
                     torch.manual_seed(settings.seed)
-                    batches = make_batches(loaded.processor, calibration_samples(settings), settings.batch_size,
-                                           settings.max_length, opts.device)
+                    batches, _, _ = calibration_batches(loaded.processor, settings, opts.device)
                     linears = [m for g in loaded.layout.groups for m in g.modules]
                     tc = time.time()
                     scales_cache[k] = calibrate_input_scales(loaded.model, linears, batches)

@@ -24,6 +24,7 @@ class AutoQuantOverrides(BaseModel):
     with_images: bool | None = None
     batch_size: int | None = Field(None, ge=1)
     max_length: int | None = Field(None, ge=16)
+    max_pixels: int | None = Field(None, ge=28 * 28)
 
 
 class Rule(BaseModel):

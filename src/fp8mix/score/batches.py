@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..data import sources
-from ..data.samples import ChatSample, encode
+from ..data.samples import ChatSample, encode, fit_samples
+from ..errors import FP8MixError
 from . import distributed
 from .settings import AutoQuantSettings
 
@@ -15,6 +16,16 @@ def calibration_samples(settings: AutoQuantSettings) -> list[ChatSample]:
     if not settings.with_images:
         samples = [s.without_images() for s in samples]
     return samples
+
+
+def fitted(processor, samples: list[ChatSample], max_pixels: int | None, max_length: int | None,
+           what: str) -> tuple[list[ChatSample], int]:
+    """`fit_samples`, with an error when no sample fits (a count of the dropped ones otherwise)."""
+    kept, dropped = fit_samples(processor, samples, max_pixels, max_length)
+    if not kept:
+        raise FP8MixError(f"none of the {len(samples)} {what} samples fits in --max-length {max_length} tokens "
+                          f"with images of at most --max-pixels {max_pixels}; raise --max-length or lower --max-pixels")
+    return kept, dropped
 
 
 def make_batches(processor, samples: list[ChatSample], batch_size: int, max_length: int,
@@ -29,3 +40,13 @@ def make_batches(processor, samples: list[ChatSample], batch_size: int, max_leng
         enc = encode(processor, chunk, max_length=max_length)
         out.append({n: t.to(device) for n, t in enc.items()})
     return out
+
+
+def calibration_batches(processor, settings: AutoQuantSettings, device: torch.device | str = "cpu",
+                        shard: bool = False) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+    """The calibration batches of `settings` (scoring, and fp8_static's input scales at export): the samples
+    fitted to `max_pixels`/`max_length`, batched in order. Returns (batches, samples kept, samples dropped)."""
+    samples, dropped = fitted(processor, calibration_samples(settings), settings.max_pixels, settings.max_length,
+                              "calibration")
+    return make_batches(processor, samples, settings.batch_size, settings.max_length, device, shard), \
+        len(samples), dropped

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..models import ModelLayout
 from ..models.loading import LoadedModel
 from . import distributed
 from .autoquant import Progress, _no_progress, gradient_scores, kl_scores
-from .batches import calibration_samples, make_batches
+from ..errors import FP8MixError
+from .batches import calibration_batches
 from .settings import AutoQuantSettings
 
 GRANULARITY = "group"
@@ -50,12 +53,28 @@ def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress =
     torch.manual_seed(settings.seed)
     # the input embeddings' device: under a device map, accelerate's hooks move inputs on from there
     device = device or loaded.model.get_input_embeddings().weight.device
-    samples = calibration_samples(settings)
-    batches = make_batches(loaded.processor, samples, settings.batch_size, settings.max_length, device, shard=True)
+    batches, n_samples, dropped = calibration_batches(loaded.processor, settings, device, shard=True)
     groups = list(loaded.layout.groups)
     fn = gradient_scores if settings.method == "gradient" else kl_scores
     module_scores = fn(loaded.model, groups, batches, settings.fp8_format, progress, cache_weights=not low_memory)
-    tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), dtype=torch.float64)
-    n_tokens = int(distributed.all_reduce([tokens])[0])
-    return build_document(loaded.model_id, loaded.fingerprint, loaded.layout, settings, module_scores,
-                          len(samples), n_tokens)
+    check_scores(module_scores)
+    counts = [torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), dtype=torch.float64),
+              torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches), dtype=torch.float64)]
+    n_tokens, n_supervised = (int(x) for x in distributed.all_reduce(counts))
+    doc = build_document(loaded.model_id, loaded.fingerprint, loaded.layout, settings, module_scores,
+                         n_samples, n_tokens)
+    doc["calibration"].update(n_supervised_tokens=n_supervised, n_dropped_too_long=dropped,
+                              max_pixels=settings.max_pixels)
+    return doc
+
+
+def check_scores(module_scores: dict[str, float]) -> None:
+    """Scores that cannot rank anything stop the run: NaN/inf (a non-finite loss or FP8 overflow) or all zero (no
+    token reached the loss)."""
+    bad = [n for n, v in module_scores.items() if not math.isfinite(v)]
+    if bad:
+        raise FP8MixError(f"{len(bad)} of {len(module_scores)} module scores are not finite (first: {bad[0]}); the "
+                          "loss or an FP8 output overflowed: check the model's weights and the calibration data")
+    if module_scores and all(v == 0.0 for v in module_scores.values()):
+        raise FP8MixError(f"all {len(module_scores)} module scores are zero: no calibration token changed the loss; "
+                          "check that the calibration samples have assistant replies")

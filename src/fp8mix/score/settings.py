@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..data.samples import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PIXELS
 from .fp8 import FP8Format
 
 
@@ -22,7 +23,8 @@ class AutoQuantSettings(BaseModel):
     with_images: bool = True
     fp8_format: FP8Format = FP8Format.fp8_dynamic
     batch_size: int = Field(8, ge=1, le=4096)
-    max_length: int = Field(1024, ge=16)
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=16)   # tokens per sample; longer samples are dropped (counted)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=28 * 28)  # larger images are scaled down first
     data: str = "embedded"
 
     def key(self, model_fingerprint: str) -> str:
