@@ -52,7 +52,7 @@ from bench_scoring import load_config, make_batches  # noqa: E402
 from fp8mix.models import Qwen2_5_VLAdapter, sizing  # noqa: E402
 from fp8mix.score import distributed  # noqa: E402
 from fp8mix.score.autoquant import gradient_scores  # noqa: E402
-from fp8mix.score.fp8 import FP8Format  # noqa: E402
+from fp8mix.quant.numerics import FP8Format  # noqa: E402
 
 CONFIGS = REPO / "src" / "fp8mix" / "models" / "configs"
 

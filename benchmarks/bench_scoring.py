@@ -29,7 +29,7 @@ Phases, one process, ``torch.cuda.synchronize`` around each timed region and the
 * plain_frozen: the same with weights frozen and only the token embeddings' output requiring grad (what
   ``gradient_scores`` backpropagates through); for information.
 * fp8mix ``gradient_scores`` for fp8_dynamic and fp8_static, each with the ``_scaled_mm`` fast path
-  (``fp8mix.score.fast_fp8``, the default on CUDA) and with the fp32 emulation (``fp8_linear_forward``, TF32
+  (``fp8mix.quant.fast``, the default on CUDA) and with the fp32 emulation (``fp8_linear_forward``, TF32
   off). The time covers the whole call: weight quantization, (static) calibration forwards, scoring.
 * check: on one batch, for 14 LM linears, the fast path's FP8 output (hence its dY = Y_fp8 - Y) against the
   emulated one: >= 99% of the elements within one BF16 ulp, and every element within one ulp plus an
@@ -67,9 +67,10 @@ if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
 from fp8mix.models import Qwen2_5_VLAdapter  # noqa: E402
-from fp8mix.score import fast_fp8  # noqa: E402
-from fp8mix.score.autoquant import QuantizedWeights, _frozen_weights_with_input_grads, gradient_scores  # noqa: E402
-from fp8mix.score.fp8 import FP8Format, quantize_input  # noqa: E402
+from fp8mix.quant import fast as fast_fp8  # noqa: E402
+from fp8mix.quant.numerics import FP8Format, quantize_input  # noqa: E402
+from fp8mix.quant.weights import QuantizedWeights  # noqa: E402
+from fp8mix.score.autoquant import frozen_weights_with_input_grads, gradient_scores  # noqa: E402
 
 CONFIG = REPO / "src" / "fp8mix" / "models" / "configs" / "qwen2_5_vl_3b.json"
 IM_START = 151644  # <|im_start|> in the Qwen2.5 tokenizer
@@ -196,7 +197,7 @@ def run_plain(model, batches, warm, device, frozen: bool) -> dict:
             plain_step(model, b)
 
     if frozen:
-        with _frozen_weights_with_input_grads(model):
+        with frozen_weights_with_input_grads(model):
             loop(warm)
             _, sec, pk = timed(device, lambda: loop(batches))
     else:

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fp8mix.evaluate.checkpoint import scheme_applied
-from fp8mix.score.fp8 import FP8Linear
+from fp8mix.quant.numerics import FP8Linear
 from uniform_plans import uniform_plan
 
 

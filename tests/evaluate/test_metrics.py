@@ -5,7 +5,7 @@ import torch
 from fp8mix.data import sources
 from fp8mix.evaluate.metrics import compare, reference
 from fp8mix.score.batches import make_batches
-from fp8mix.score.fp8 import FP8Linear
+from fp8mix.quant.numerics import FP8Linear
 
 
 def _set(model, name, mod):

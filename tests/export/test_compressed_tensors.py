@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fp8mix.errors import FP8MixError
-from fp8mix.score.fp8 import (
+from fp8mix.quant.numerics import (
     FP8Format,
     FP8Linear,
     compute_weight_scale,
@@ -180,7 +180,7 @@ def test_failure_leaves_nothing(embedded, top50_plan, tmp_path, monkeypatch):
     assert not dest.exists() and list(tmp_path.iterdir()) == []
 
     # a previous checkpoint survives a failed re-export untouched
-    monkeypatch.setattr(ct, "_write_tensors", boom)
+    monkeypatch.setattr(ct, "write_tensors", boom)
     dest.mkdir()
     (dest / "config.json").write_text("{}")
     with pytest.raises(RuntimeError):
@@ -274,7 +274,7 @@ def test_quantization_config_is_what_the_compressor_writes(top50_plan, tmp_path)
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     from fp8mix.export.compressed_tensors import quantization_config
-    from fp8mix.score.fp8 import scheme_for
+    from fp8mix.quant.numerics import scheme_for
 
     (tmp_path / "config.json").write_text("{}")
     qcfg = QuantizationConfig(config_groups={"group_0": scheme_for("fp8_dynamic", ["Linear"])},

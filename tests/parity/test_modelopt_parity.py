@@ -79,8 +79,9 @@ def parity(tmp_path_factory):
     from safetensors.torch import save_file
 
     from fp8mix.models import loading
-    from fp8mix.score.autoquant import QuantizedWeights, gradient_scores
-    from fp8mix.score.fp8 import FP8Format
+    from fp8mix.quant.numerics import FP8Format
+    from fp8mix.quant.weights import QuantizedWeights
+    from fp8mix.score.autoquant import gradient_scores
 
     torch.set_num_threads(2)
     tmp = tmp_path_factory.mktemp("modelopt_parity")

@@ -6,7 +6,7 @@ from random_models import tiny_random_config
 from fp8mix.models import Qwen2_5_VLAdapter
 from fp8mix.score.autoquant import gradient_scores, kl_scores
 from fp8mix.score.batches import calibration_samples, make_batches
-from fp8mix.score.fp8 import FP8Format, fp8_linear_forward
+from fp8mix.quant.numerics import FP8Format, fp8_linear_forward
 from fp8mix.score.settings import AutoQuantSettings
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import FP8MixError
 from ..models import FamilyAdapter
-from ..score.fp8 import FP8_DTYPE, FP8Format, FP8Linear
+from ..quant.numerics import FP8_DTYPE, FP8Format, FP8Linear
 
 SCALE_SUFFIXES = (".weight_scale", ".input_scale")
 

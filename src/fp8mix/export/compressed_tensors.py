@@ -6,11 +6,12 @@ The checkpoint is written tensor by tensor from the SOURCE safetensors files, no
 * every tensor that is not an FP8 weight is copied bit for bit (cast to BF16 only if the source stored a float
   tensor in another dtype), under its legacy on-disk name (``model.layers.N…``, ``visual.…``, as transformers
   saves Qwen2.5-VL); a source in the new layout (``model.language_model.…``) is renamed to it;
-* each FP8 module's ``weight`` is replaced by ``quantize_weight`` (score/fp8.py: the same numbers fp8mix scores
+* each FP8 module's ``weight`` is replaced by ``quantize_weight`` (quant/numerics.py: the same numbers fp8mix scores
   with and compressed-tensors' own compressor writes) plus its scales, all float32:
   fp8_dynamic ``weight_scale`` [out, 1]; fp8_block ``weight_scale`` [ceil(out/128), ceil(in/128)];
   fp8_static ``weight_scale`` [1] and ``input_scale`` [1], ONE of each per fused group (q/k/v, gate/up: the max
-  of the members), so vLLM, which runs a fused layer with one per-tensor scale, has nothing to requantize.
+  of the members, ``quant.scales.share_group_scales``), so vLLM, which runs a fused layer with one per-tensor
+  scale, has nothing to requantize.
 
 ``config.json`` is the source's with ``quantization_config`` added (compressed-tensors' own serialization of one
 config group targeting ``Linear``) whose ``ignore`` is the plan's ``ignore`` list exactly. Processor, tokenizer,
@@ -37,19 +38,19 @@ import torch
 from ..errors import FP8MixError
 from ..models import FamilyAdapter, ModelLayout
 from ..rundir import dumps, write_json
-from .shard_writer import ShardWriter
-from ..score.fp8 import (
+from ..progress import no_progress
+from ..quant.numerics import (
     BLOCK,
     FP8Format,
     compute_weight_scale,
-    quantize_weight,
     quantize_weight_chunked,
     scheme_for,
 )
+from ..quant.scales import calibrate_input_scales, share_group_scales
+from .shard_writer import ShardWriter
 
-__all__ = ["EXPORT_VERSION", "FORMAT", "QuantizedModule", "Source", "calibrate_input_scales", "export_checkpoint",
-           "plan_sha256",
-           "quantize_plan", "quantization_config", "source_of"]
+__all__ = ["EXPORT_VERSION", "FORMAT", "QuantizedModule", "Source", "export_checkpoint", "plan_sha256",
+           "quantize_plan", "quantization_config", "source_of", "write_tensors"]
 
 FORMAT = "compressed-tensors"
 EXPORT_VERSION = 1          # bump when the bytes an export writes change for the same plan and model
@@ -221,21 +222,11 @@ def _check_ignore_consistent(plan: dict, layout: ModelLayout, adapter: FamilyAda
                                           f"name {name}: {reader} would quantize it; rerun fp8mix plan")
 
 
-def calibrate_input_scales(model: torch.nn.Module, modules: list[str], batches: list[dict],
-                           progress=None) -> dict[str, torch.Tensor]:
-    """fp8_static input scales (float32 [1]) of some modules: score.autoquant's calibration rule (max |x| over
-    every calibration token / 448). Calibrate every LM linear once and pass the result to several exports."""
-    from ..score.autoquant import QuantizedWeights, _no_progress
-
-    qw = QuantizedWeights(model, sorted(modules), FP8Format.fp8_static)
-    qw.calibrate(model, batches, progress or _no_progress)
-    return {m: s.reshape(1).to(torch.float32) for m, s in qw.input_scales.items()}
-
-
 def quantize_plan(src: Source, plan: dict, calib_batches: list[dict] | None = None, progress=None,
                   input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedModule]:
     """Per FP8 module: the scales that are not a function of its own weight alone (fp8_static): from
-    ``input_scales`` (see calibrate_input_scales) or else calibrated here on ``calib_batches``."""
+    ``input_scales`` (quant.scales.calibrate_input_scales, e.g. of every LM linear once for several exports) or
+    else calibrated here on ``calib_batches``."""
     fmt = plan_format(plan)
     group_of = _check_plan(plan, src.layout, src.adapter)
     shapes = {m: s for g in src.layout.groups for m, s in zip(g.modules, g.shapes)}
@@ -253,22 +244,17 @@ def quantize_plan(src: Source, plan: dict, calib_batches: list[dict] | None = No
             raise FP8MixError(f"plan {plan['scheme']!r} is fp8_static: its input scales need calibration batches")
         if src.model is None:
             _load_model_for_calibration(src)
-        input_scales = calibrate_input_scales(src.model, names, calib_batches, progress)
+        input_scales = calibrate_input_scales(src.model, names, calib_batches, progress or no_progress)
     missing = [m for m in names if m not in input_scales]
     if missing:
         raise FP8MixError(f"no calibrated input scale for {missing[0]} (and {len(missing) - 1} more)")
-    own = _own_weight_scales(src, set(names), fmt)
     by_group: dict[str, list[str]] = {}
     for m in names:
         by_group.setdefault(out[m].group, []).append(m)
-    for members in by_group.values():
-        # One scale per fused group: the max of the members' scales (absmax/448 is monotone, so this is the scale
-        # of the group's absmax) - what vLLM would otherwise requantize to at load time.
-        w_scale = torch.stack([own[m].reshape(()) for m in members]).amax()
-        x_scale = torch.stack([input_scales[m].reshape(()) for m in members]).amax()
-        for m in members:
-            out[m].weight_scale = w_scale.reshape(1).clone()
-            out[m].input_scale = x_scale.reshape(1).clone()
+    w_scales = share_group_scales(by_group.values(), _own_weight_scales(src, set(names), fmt))
+    x_scales = share_group_scales(by_group.values(), input_scales)
+    for m in names:
+        out[m].weight_scale, out[m].input_scale = w_scales[m], x_scales[m]
     return out
 
 
@@ -287,7 +273,7 @@ def _shard_names(n: int) -> list[str]:
     return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _write_tensors(src: Source, quant: dict[str, QuantizedModule], fmt: FP8Format, out_dir: Path,
+def write_tensors(src: Source, quant: dict[str, QuantizedModule], fmt: FP8Format, out_dir: Path,
                    scale_layout: ScaleLayout) -> dict:
     """Stream the source shards into out_dir, one output shard per source shard, one tensor in memory at a time
     (ShardWriter). Returns a summary."""
@@ -492,7 +478,7 @@ def export_checkpoint(loaded_or_model_path, plan: dict, out_dir: Path, calib_bat
     quant = quantize_plan(src, plan, calib_batches, progress, input_scales)
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
-        summary = _write_tensors(src, quant, fmt, tmp, _ct_scales)
+        summary = write_tensors(src, quant, fmt, tmp, _ct_scales)
         write_config(src, tmp, quantization_config(plan))
         check_ignore(tmp, plan["ignore"])
         write_side_files(src, tmp)

@@ -34,7 +34,7 @@ import torch
 
 from .. import __version__
 from ..errors import FP8MixError
-from ..score.fp8 import FP8Format
+from ..quant.numerics import FP8Format
 from .compressed_tensors import (
     Source,
     check_ignore,
@@ -45,7 +45,7 @@ from .compressed_tensors import (
     write_config,
     write_marker,
     write_side_files,
-    _write_tensors,
+    write_tensors,
 )
 
 __all__ = ["FORMAT", "QUANT_ALGOS", "exclude_modules", "export_modelopt", "modelopt_configs"]
@@ -113,7 +113,7 @@ def export_modelopt(loaded_or_model_path, plan: dict, out_dir: Path, calib_batch
     quant = quantize_plan(src, plan, calib_batches, progress, input_scales)
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
-        summary = _write_tensors(src, quant, fmt, tmp, _modelopt_scales)
+        summary = write_tensors(src, quant, fmt, tmp, _modelopt_scales)
         write_config(src, tmp, qcfg)
         check_ignore(tmp, hf_quant["quantization"]["exclude_modules"])
         (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4) + "\n")

@@ -17,10 +17,10 @@ from .. import manifest
 from ..errors import FP8MixError
 from ..pipeline import RunOptions, _model_arg, catalog_of, console, progress, require_run
 from ..rundir import read_json
-from ..score.fp8 import FP8Format
+from ..quant.numerics import FP8Format
+from ..quant.scales import calibrate_input_scales
 from .compressed_tensors import (
     EXPORT_VERSION,
-    calibrate_input_scales,
     export_checkpoint,
     export_key,
     plan_format,

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import FP8MixError
-from ..score.fp8 import FP8Format
+from ..quant.numerics import FP8Format
 from ..score.settings import AutoQuantSettings
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "catalog" / "default.yaml"

@@ -14,8 +14,8 @@ KL(p_BF16 ‖ p_group-FP8) of the next-token distribution.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,80 +23,17 @@ from torch import nn
 
 from ..data.samples import model_inputs
 from ..models import LinearGroup
-from . import distributed, fast_fp8
-from .fp8 import FP8Format, quantize_weight, static_input_scale
+from ..progress import Progress, no_progress
+from ..quant.numerics import FP8Format
+from ..quant.weights import QuantizedWeights
+from . import distributed
 
-Progress = Callable[[Iterable, str], Iterable]
-
-
-def _no_progress(it: Iterable, _desc: str) -> Iterable:
-    return it
-
-
-class _OnUse(Mapping):
-    """FP8 weights quantized when asked for and not kept: the same bytes as the cached ones, without holding an FP8
-    copy of every LM linear (half a byte per parameter of the BF16 model) for the whole pass."""
-
-    def __init__(self, modules: dict[str, nn.Module], fmt: FP8Format):
-        self.modules, self.fmt = modules, fmt
-
-    def __getitem__(self, name: str):
-        return quantize_weight(self.modules[name].weight, self.fmt)
-
-    def __iter__(self):
-        return iter(self.modules)
-
-    def __len__(self) -> int:
-        return len(self.modules)
-
-
-class QuantizedWeights:
-    """FP8 weights (and, for fp8_static, calibrated input scales) of the scored modules: computed once and kept, or
-    with `cache=False` recomputed at each use (low memory)."""
-
-    def __init__(self, model: nn.Module, names: list[str], fmt: FP8Format, cache: bool = True):
-        self.fmt = FP8Format(fmt)
-        self.modules = {n: model.get_submodule(n) for n in names}
-        self.weights: Mapping = ({n: quantize_weight(m.weight, self.fmt) for n, m in self.modules.items()} if cache
-                                 else _OnUse(self.modules, self.fmt))
-        self.input_scales: dict[str, torch.Tensor | None] = {n: None for n in names}
-
-    @torch.no_grad()
-    def calibrate(self, model: nn.Module, batches: list[dict], progress: Progress = _no_progress,
-                  across_ranks: bool = True) -> None:
-        """fp8_static: the per-tensor input scale from the max |x| over every calibration token (under torchrun,
-        every rank's tokens, unless `across_ranks` is off because only this process calibrates)."""
-        if self.fmt is not FP8Format.fp8_static:
-            return
-        amax = {n: torch.zeros((), dtype=torch.float32, device=m.weight.device) for n, m in self.modules.items()}
-
-        def hook(name):
-            def fn(_mod, args):
-                amax[name] = torch.maximum(amax[name], args[0].detach().abs().amax().float())
-            return fn
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.modules.items()]
-        try:
-            for batch in progress(batches, "calibrating static FP8 input scales"):
-                model(**model_inputs(batch), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        if across_ranks:
-            names = list(amax)
-            amax = dict(zip(names, distributed.all_reduce([amax[n] for n in names], "max")))
-        self.input_scales = {n: static_input_scale(a) for n, a in amax.items()}
-
-    def output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The module's output with its weight and input in FP8."""
-        w_fp8, w_scale = self.weights[name]
-        bias = self.modules[name].bias
-        return fast_fp8.linear_forward(x, w_fp8, bias, self.fmt, self.input_scales[name], weight_scale=w_scale)
-
+# fp8_static input scales are the max over every rank's calibration tokens
+_max_across_ranks = partial(distributed.all_reduce, op="max")
 
 
 @contextmanager
-def _frozen_weights_with_input_grads(model: nn.Module):
+def frozen_weights_with_input_grads(model: nn.Module):
     """Weights get no gradients (they are not needed and would cost memory); the token embeddings' output
     requires grad so that ∂L/∂Y reaches every LM linear."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
@@ -113,11 +50,11 @@ def _frozen_weights_with_input_grads(model: nn.Module):
 
 
 def gradient_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
-                    progress: Progress = _no_progress, cache_weights: bool = True) -> dict[str, float]:
+                    progress: Progress = no_progress, cache_weights: bool = True) -> dict[str, float]:
     """Per-module gradient scores (sum over all batches; under torchrun, over every rank's batches)."""
     names = [m for g in groups for m in g.modules]
     qw = QuantizedWeights(model, names, fmt, cache_weights)
-    qw.calibrate(model, batches, progress)
+    qw.calibrate(model, batches, progress, _max_across_ranks)
     # each sum lives beside its module (a device map spreads modules over GPUs)
     acc = {n: torch.zeros((), dtype=torch.float64, device=qw.modules[n].weight.device) for n in names}
 
@@ -136,7 +73,7 @@ def gradient_scores(model: nn.Module, groups: list[LinearGroup], batches: list[d
 
     handles = [qw.modules[n].register_forward_hook(hook(n)) for n in names]
     try:
-        with _frozen_weights_with_input_grads(model):
+        with frozen_weights_with_input_grads(model):
             for batch in progress(batches, "scoring (gradient)"):
                 loss = model(**batch, use_cache=False).loss
                 loss.backward()
@@ -162,10 +99,10 @@ def _fp8_group(qw: QuantizedWeights, group: LinearGroup):
 
 @torch.no_grad()
 def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
-              progress: Progress = _no_progress, cache_weights: bool = True) -> dict[str, float]:
+              progress: Progress = no_progress, cache_weights: bool = True) -> dict[str, float]:
     """Per-group KL scores, reported on the group's first module (the group is the unit of the KL method)."""
     qw = QuantizedWeights(model, [m for g in groups for m in g.modules], fmt, cache_weights)
-    qw.calibrate(model, batches, progress)
+    qw.calibrate(model, batches, progress, _max_across_ranks)
     out = {m: 0.0 for g in groups for m in g.modules}
     for batch in progress(batches, "scoring (KL, one forward per group)"):
         inputs = model_inputs(batch)
@@ -180,4 +117,4 @@ def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], 
     return {n: float(v) for n, v in zip(names, summed)}
 
 
-__all__ = ["QuantizedWeights", "gradient_scores", "kl_scores"]
+__all__ = ["frozen_weights_with_input_grads", "gradient_scores", "kl_scores"]

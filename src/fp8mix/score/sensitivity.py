@@ -9,7 +9,8 @@ import torch
 from ..models import ModelLayout
 from ..models.loading import LoadedModel
 from . import distributed
-from .autoquant import Progress, _no_progress, gradient_scores, kl_scores
+from ..progress import Progress, no_progress
+from .autoquant import gradient_scores, kl_scores
 from ..errors import FP8MixError
 from .batches import calibration_batches
 from .settings import AutoQuantSettings
@@ -46,7 +47,7 @@ def build_document(model_id: str, fingerprint: str, layout: ModelLayout, setting
     }
 
 
-def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress = _no_progress,
+def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress = no_progress,
           device: str | torch.device | None = None, low_memory: bool = False) -> dict:
     """Run one scoring pass and return the sensitivity document (not yet written). `low_memory` quantizes each
     weight when used instead of keeping FP8 copies (same scores)."""

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.samples import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PIXELS
-from .fp8 import FP8Format
+from ..quant.numerics import FP8Format
 
 
 class AutoQuantSettings(BaseModel):

@@ -15,7 +15,8 @@ from scipy.stats import kendalltau, spearmanr
 
 from ..data.samples import model_inputs
 from ..models import GROUP_KINDS, ModelLayout
-from .autoquant import QuantizedWeights, _fp8_group
+from ..quant.weights import QuantizedWeights
+from .autoquant import _fp8_group
 from .settings import AutoQuantSettings
 
 N_RANDOM = 20
@@ -79,7 +80,7 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
     from ..plan.planner import blocks_for_fraction
 
     qw = QuantizedWeights(model, [m for g in layout.groups for m in g.modules], fmt)
-    qw.calibrate(model, batches, across_ranks=False)  # the control runs in the main process alone
+    qw.calibrate(model, batches)  # no reduce across ranks: the control runs in the main process alone
     refs = [F.log_softmax(model(**model_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
             for b in batches]
 

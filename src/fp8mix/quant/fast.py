@@ -1,10 +1,10 @@
 """Fast FP8 GEMM for the AutoQuant hooks: ``torch._scaled_mm`` on the same FP8 operands as the emulation.
 
-``fp8.fp8_linear_forward`` emulates vLLM's FP8 GEMM with an exact-product fp32 matmul (TF32 off). That is the
+``numerics.fp8_linear_forward`` emulates vLLM's FP8 GEMM with an exact-product fp32 matmul (TF32 off). That is the
 reference, but on a GPU an fp32 matmul runs on CUDA cores, several times slower than the BF16 forward it sits
 beside. Here the same operands go through the FP8 tensor cores instead:
 
-* the activations are quantized by ``fp8.quantize_input`` (vLLM's rules), the weights are the
+* the activations are quantized by ``numerics.quantize_input`` (vLLM's rules), the weights are the
   ``quantize_weight`` FP8 weights and scales the caller already holds: the fp8 operands and the float32 scales
   are bit-for-bit those of the emulation;
 * fp8_dynamic: ``_scaled_mm`` with row-wise scales, ``scale_a`` [M, 1] (one per token) and ``scale_b`` [1, N]
@@ -37,7 +37,7 @@ from functools import lru_cache
 
 import torch
 
-from .fp8 import FP8_DTYPE, FP8Format, fp8_linear_forward, quantize_input
+from .numerics import FP8_DTYPE, FP8Format, fp8_linear_forward, quantize_input
 
 __all__ = ["fast_path", "is_enabled", "linear_forward", "scaled_mm_forward", "stats", "supported"]
 
@@ -118,6 +118,12 @@ def _quantize_input_cached(x: torch.Tensor, fmt: FP8Format, input_scale):
     return x_fp8, x_scale
 
 
+def _refuses_bias(err: RuntimeError) -> bool:
+    """A torch/kernel without epilogue bias for this scaling (its check names the bias): then the bias is added
+    after the cast. Anything else, out-of-memory above all, is a real failure and propagates."""
+    return not isinstance(err, torch.OutOfMemoryError) and "bias" in str(err).lower()
+
+
 def scaled_mm_forward(x: torch.Tensor, w_fp8: torch.Tensor, bias: torch.Tensor | None, fmt: FP8Format | str,
                       input_scale: torch.Tensor | None, *, weight_scale: torch.Tensor) -> torch.Tensor:
     """``fp8_linear_forward`` on the FP8 tensor cores (no support checks; see ``linear_forward``)."""
@@ -137,7 +143,9 @@ def scaled_mm_forward(x: torch.Tensor, w_fp8: torch.Tensor, bias: torch.Tensor |
     if bias_bf16 is not None and _state["bias_in_epilogue"]:
         try:
             out = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias_bf16, out_dtype=torch.bfloat16)
-        except RuntimeError:  # a torch/kernel without epilogue bias for this scaling: add it after the cast
+        except RuntimeError as err:
+            if not _refuses_bias(err):
+                raise
             _state["bias_in_epilogue"] = False
             _stats["bias after cast"] += 1
             out = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16) + bias_bf16

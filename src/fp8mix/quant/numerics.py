@@ -11,7 +11,8 @@ Scales, as stored on disk (all float32):
 * ``fp8_dynamic`` (preset FP8_DYNAMIC): ``weight_scale`` [out, 1] = absmax(row) / 448;
   no ``input_scale``; activations get one scale per token at run time.
 * ``fp8_static`` (preset FP8): ``weight_scale`` [1] = absmax(W) / 448;
-  ``input_scale`` [1] = calibrated absmax(x) / 448 (``static_input_scale``).
+  ``input_scale`` [1] = calibrated absmax(x) / 448 (``static_input_scale``); a fused group
+  (q/k/v, gate/up) shares the largest of each (``scales.share_group_scales``).
 * ``fp8_block`` (preset FP8_BLOCK): ``weight_scale`` [ceil(out/128), ceil(in/128)] =
   absmax(block) / 448, the weight zero-padded to whole blocks as compressed-tensors
   does; no ``input_scale``; activations get one scale per token and 128 features.

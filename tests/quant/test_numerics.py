@@ -16,7 +16,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 from safetensors.torch import load_file, save_file
 
-from fp8mix.score.fp8 import (
+from fp8mix.quant.numerics import (
     BLOCK,
     FP8_DTYPE,
     FP8Format,
@@ -367,7 +367,7 @@ def test_cuda_matches_cpu(fmt):
 def test_chunked_quantization_is_bitwise_the_whole_one():
     """Export quantizes large weights a block of rows at a time: the same FP8 bytes and scales for every format,
     with the scale computed or given, including a last block of rows that is not a multiple of 128."""
-    from fp8mix.score.fp8 import compute_weight_scale, quantize_weight, quantize_weight_chunked
+    from fp8mix.quant.numerics import compute_weight_scale, quantize_weight, quantize_weight_chunked
 
     torch.manual_seed(0)
     w = (torch.randn(300, 256) * torch.logspace(-2, 1, 300)[:, None]).to(torch.bfloat16)
