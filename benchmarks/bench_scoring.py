@@ -18,8 +18,9 @@ tensors are synthesized directly instead of running the processor on real images
 random text tokens up to 512; labels on the last 128 tokens (the "assistant reply"), -100 elsewhere; no padding;
 ``pixel_values`` [4 x 1024, 1176] random normal BF16 (1024 patches of 3x2x14x14 per image) and
 ``image_grid_thw`` [[1, 32, 32]] per image, which is what the Qwen2.5-VL processor produces for a 448x448 image
-(32x32 patches, merged 2x2 into 256 LM tokens). ``mm_token_type_ids`` is left out, as fp8mix's own ``encode``
-does, so every phase uses the model's 1-D text positions. Token counts include image tokens.
+(32x32 patches, merged 2x2 into 256 LM tokens), and ``mm_token_type_ids`` (1 on the image tokens) as the processor
+returns it, so every phase computes the 3-D M-RoPE positions the served model uses. Token counts include image
+tokens. (The figures in BENCHMARKS.md of 2026-11-22 were measured without ``mm_token_type_ids``: 1-D positions.)
 
 Phases, one process, ``torch.cuda.synchronize`` around each timed region and the peak of
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (weights included):
@@ -135,6 +136,7 @@ def make_batches(cfg: dict, n: int, batch_size: int, seq: int, image: int, devic
             "labels": labels,
             "pixel_values": pixels,
             "image_grid_thw": torch.tensor([[1, gh, gw]] * batch_size, dtype=torch.long),
+            "mm_token_type_ids": (ids == cfg["image_token_id"]).int(),
         }
         out.append({k: v.to(device) for k, v in batch.items()})
     return out
@@ -217,8 +219,8 @@ def run_fp8mix(model, groups, batches, warm, device, fmt: FP8Format, fast: bool,
     return scores, phase_record(n_tokens(batches), sec, pk, fast_fp8_calls=st)
 
 
-def weight_quant_seconds(model, names, device, fmt: FP8Format) -> float:
-    _, sec, _ = timed(device, lambda: QuantizedWeights(model, names, fmt))
+def weight_quant_seconds(model, groups, device, fmt: FP8Format) -> float:
+    _, sec, _ = timed(device, lambda: QuantizedWeights(model, [g.modules for g in groups], fmt))
     return round(sec, 3)
 
 
@@ -229,8 +231,9 @@ def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_fast_vs_emulated(model, batch, names, fmts, force: bool) -> dict:
+def check_fast_vs_emulated(model, batch, groups, fmts, force: bool) -> dict:
     """The fast path's FP8 outputs (and dY) against the emulation's on real activations of one batch."""
+    names = [n for g in groups for n in g.modules]
     cap = {}
     handles = [model.get_submodule(n).register_forward_pre_hook(
         lambda _m, a, n=n: cap.__setitem__(n, a[0].detach().clone())) for n in names]
@@ -242,7 +245,7 @@ def check_fast_vs_emulated(model, batch, names, fmts, force: bool) -> dict:
     report = {}
     ok = True
     for fmt in fmts:
-        qw = QuantizedWeights(model, names, fmt)
+        qw = QuantizedWeights(model, [g.modules for g in groups], fmt)
         qw.calibrate(model, [batch])
         worst_ulps, in_ulp, total, rel_dy = 0.0, 0, 0, 0.0
         for n in names:
@@ -299,7 +302,7 @@ def run_modelopt(model, batches, device, text_only: bool) -> tuple[dict, dict]:
         rec["fp8_cuda_ext"] = ext is not None
     data = batches
     if text_only:
-        data = [{k: v for k, v in b.items() if k not in ("pixel_values", "image_grid_thw")} for b in batches]
+        data = [{k: v for k, v in b.items() if k not in ("pixel_values", "image_grid_thw", "mm_token_type_ids")} for b in batches]
     marks = {}
     original = AutoQuantizeGradientSearcher.estimate_sensitivity_scores
 
@@ -496,12 +499,12 @@ def main() -> int:
 
     # check: fast path vs emulation on real activations
     n_layers = len(model.get_submodule(Qwen2_5_VLAdapter.blocks_path))
-    check_names = [n for n in names if any(f".layers.{i}." in n for i in {0, n_layers - 1})]
+    check_groups = [g for g in groups if g.block in {0, n_layers - 1}]
     fast_ok = device.type == "cuda" or force
     if fast_ok:
         try:
             res["checks"]["fast_vs_emulated_outputs"] = check_fast_vs_emulated(
-                model, batches[0], check_names, [FP8Format.fp8_dynamic, FP8Format.fp8_static], force)
+                model, batches[0], check_groups, [FP8Format.fp8_dynamic, FP8Format.fp8_static], force)
         except Exception as exc:  # no _scaled_mm on this GPU/torch: measure the emulation only
             res["errors"]["fast_path"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -519,7 +522,7 @@ def main() -> int:
             try:
                 scores[key], rec = run_fp8mix(model, groups, batches, warm, device, fmt, fast, force)
                 if fast:
-                    rec["weight_quantization_s"] = weight_quant_seconds(model, names, device, fmt)
+                    rec["weight_quantization_s"] = weight_quant_seconds(model, groups, device, fmt)
             except Exception as exc:
                 res["errors"][key] = f"{type(exc).__name__}: {str(exc)[:2000]}"
                 traceback.print_exc()

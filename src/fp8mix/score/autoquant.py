@@ -6,7 +6,10 @@ a second-order Taylor estimate of the loss increase with the empirical Fisher in
 model's next-token loss on the batch (transformers' mean cross-entropy over the labelled tokens: the assistant
 replies). Each module is perturbed alone, the rest of the network in BF16 — yet one forward/backward serves every
 module: the forward hook computes ΔY = Y_q − Y beside the normal output (the network keeps running on Y), and a
-gradient hook on Y multiplies it with ∂L/∂Y. Only activations get gradients; weights are frozen.
+gradient hook on Y multiplies it with ∂L/∂Y. Only activations get gradients; weights are frozen. Y_q is the
+output of the layer as the checkpoint serves it (quant.weights.QuantizedWeights): for fp8_static with the one
+weight and input scale of its fused group, so a member with a smaller range than its neighbours is scored with
+the coarser grid it gets in vLLM.
 
 KL method: for each group, one extra forward with only that group in FP8; score = Σ over tokens of
 KL(p_BF16 ‖ p_group-FP8) of the next-token distribution.
@@ -53,7 +56,7 @@ def gradient_scores(model: nn.Module, groups: list[LinearGroup], batches: list[d
                     progress: Progress = no_progress, cache_weights: bool = True) -> dict[str, float]:
     """Per-module gradient scores (sum over all batches; under torchrun, over every rank's batches)."""
     names = [m for g in groups for m in g.modules]
-    qw = QuantizedWeights(model, names, fmt, cache_weights)
+    qw = QuantizedWeights(model, [g.modules for g in groups], fmt, cache_weights)
     qw.calibrate(model, batches, progress, _max_across_ranks)
     # each sum lives beside its module (a device map spreads modules over GPUs)
     acc = {n: torch.zeros((), dtype=torch.float64, device=qw.modules[n].weight.device) for n in names}
@@ -101,7 +104,7 @@ def _fp8_group(qw: QuantizedWeights, group: LinearGroup):
 def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
               progress: Progress = no_progress, cache_weights: bool = True) -> dict[str, float]:
     """Per-group KL scores, reported on the group's first module (the group is the unit of the KL method)."""
-    qw = QuantizedWeights(model, [m for g in groups for m in g.modules], fmt, cache_weights)
+    qw = QuantizedWeights(model, [g.modules for g in groups], fmt, cache_weights)
     qw.calibrate(model, batches, progress, _max_across_ranks)
     out = {m: 0.0 for g in groups for m in g.modules}
     for batch in progress(batches, "scoring (KL, one forward per group)"):

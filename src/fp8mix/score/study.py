@@ -79,7 +79,7 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
     random choices of as many blocks, the first-K and the last-K blocks."""
     from ..plan.planner import blocks_for_fraction
 
-    qw = QuantizedWeights(model, [m for g in layout.groups for m in g.modules], fmt)
+    qw = QuantizedWeights(model, [g.modules for g in layout.groups], fmt)
     qw.calibrate(model, batches)  # no reduce across ranks: the control runs in the main process alone
     refs = [F.log_softmax(model(**model_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
             for b in batches]
