@@ -28,3 +28,22 @@ def broken_copy(src, dst, *, ignore_edit=None, bf16_modules=()):
                     tensors[m + ".weight"] = w.to(torch.bfloat16)
             save_file(tensors, f, metadata={"format": "pt"})
     return dst
+
+
+# Greedy tokens per reply on both sides of the served parity tests
+PARITY_REPLY_TOKENS = 16
+
+
+def with_doubled_weight_scale(src, dst, module):
+    """A copy of a checkpoint in which one FP8 layer's weight scales are doubled (its output doubles)."""
+    shutil.copytree(src, dst)
+    key = module + ".weight_scale"
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(f)
+        if key in tensors:
+            tensors[key] = tensors[key] * 2
+            tmp = f.with_suffix(".tmp")
+            save_file(tensors, tmp, metadata={"format": "pt"})
+            tmp.replace(f)
+            return dst
+    raise AssertionError(f"{src} has no {key}")

@@ -20,3 +20,22 @@ def skeleton():
 
     net, adapter = loading.build_empty(loading.EMBEDDED)
     return net, adapter, adapter.layout(net)
+
+
+@pytest.fixture(scope="session")
+def parity_samples():
+    """The held-out image questions of the 64-sample eval set (samples with images and an answer)."""
+    from fp8mix.evaluate.stage import eval_samples
+
+    return [s for s in eval_samples("embedded", 64) if s.images and s.answer is not None]
+
+
+@pytest.fixture(scope="session")
+def live_checked(check_run, parity_samples):
+    """`fp8mix check` with the live vLLM check: the BF16 source and each scheme served by vLLM once (six engine
+    starts), the parity samples served on the same engines. The live tests and the served parity tests share it."""
+    from .check_helpers import PARITY_REPLY_TOKENS
+    from fp8mix.check.fidelity import sample_requests
+    from fp8mix.check.stage import stage_check
+
+    return stage_check(check_run, live=True, extra=sample_requests(parity_samples, max_tokens=PARITY_REPLY_TOKENS))

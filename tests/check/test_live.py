@@ -1,35 +1,93 @@
-"""Live vLLM check of every scheme of the embedded model, on vLLM's CPU build (.venv-vllm, built by make)."""
+"""Live vLLM check of every scheme of the embedded model, on vLLM's CPU build (.venv-vllm, built by make).
+
+Engine starts: the BF16 source and the five schemes once each (the `live_checked` fixture, shared with the served
+parity tests), one for the checkpoint with a doubled weight scale, one for the broken vision regex.
+"""
 
 import pytest
 
-from .check_helpers import broken_copy, plan_of
-from fp8mix.check.live import vllm_python
-from fp8mix.check.stage import check_folder, stage_check
+from .check_helpers import broken_copy, plan_of, with_doubled_weight_scale
+from fp8mix.check import fidelity
+from fp8mix.check.live import serve, vllm_python
+from fp8mix.check.stage import check_folder, served_outputs
+from fp8mix.rundir import read_json
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(vllm_python() is None, reason="vLLM not importable and .venv-vllm missing: "
                                                                  "make vllm-env builds it")]
 
+# Block 0's MLP output feeds every later block: doubling its weight scales moves the served outputs by several
+# times the FP8 noise (measured in fidelity.TOLERANCES' comment).
+DOUBLED = "model.layers.0.mlp.down_proj"
 
-def test_every_scheme_loads_and_runs_in_vllm(check_run):
-    results = stage_check(check_run, live=True)
-    for name, r in results.items():
+
+def test_every_scheme_loads_runs_and_matches_bf16_in_vllm(check_run, live_checked):
+    for name, r in live_checked.items():
         live = r["live"]
         assert r["ok"] and live["ran"] and live["ok"], (name, live.get("errors"), live.get("reason"))
-        assert live["generations"]["image"]["n_image_tokens"] > 0
         plan = plan_of(check_run.run, name)
         fp8_layers = {n for n, info in live["layers"].items() if info["weight_dtype"] == "float8_e4m3fn"}
         # vLLM fuses q/k/v and gate/up: each FP8 group is one FP8 layer there
         assert len(fp8_layers) == len(plan["fp8_groups"]), name
         assert not any("visual" in n for n in fp8_layers)
+        m = live["fidelity"]["metrics"]
+        assert m["probes"] == len(fidelity.probe_samples()) and m["positions"] >= 50, (name, m)
+        assert m["top1_agreement"] >= fidelity.TOLERANCES["top1_agreement_min"], (name, m)
+        assert m["mean_logprob_gap"] <= fidelity.TOLERANCES["mean_logprob_gap_max"], (name, m)
+    probes = served_outputs(check_run.run, "fp8_autoquant_full")
+    assert all(probes[f"probe/{i}"]["n_image_tokens"] > 0 for i in range(8))  # the shapes probes carry an image
 
 
-def test_vision_regex_in_one_naming_breaks_vllm_too(check_run, skeleton, tmp_path):
+def test_bf16_reference_is_served_once_and_reused(check_run, live_checked, monkeypatch):
+    """The BF16 source's outputs are cached in the run, keyed by its fingerprint and the requests: a second check
+    with the same requests starts no engine for it; other requests do not reuse it."""
+    from fp8mix.models import loading
+
+    doc = read_json(check_run.run / fidelity.REFERENCE_FILE, "served")
+    assert doc["ok"] and doc["key"]["source_fingerprint"] == loading.fingerprint(loading.EMBEDDED)
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("vLLM was started again for the BF16 source")
+
+    monkeypatch.setattr(fidelity, "serve", no_engine)
+    cached = fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED),
+                                     _parity_requests(check_run))
+    assert cached == doc
+    with pytest.raises(AssertionError, match="started again"):
+        fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED), None)
+
+
+def _parity_requests(check_run):
+    from .check_helpers import PARITY_REPLY_TOKENS
+    from fp8mix.evaluate.stage import eval_samples
+
+    samples = [s for s in eval_samples("embedded", 64) if s.images and s.answer is not None]
+    return fidelity.sample_requests(samples, max_tokens=PARITY_REPLY_TOKENS)
+
+
+def test_doubled_weight_scale_fails_the_live_check(check_run, live_checked, skeleton, tmp_path):
+    """One FP8 layer's weight scales doubled: it loads, its dtypes are right, it generates; only its outputs give
+    it away, and the live check must say so. The unmodified checkpoint passed (live_checked)."""
+    net, adapter, layout = skeleton
+    name = "fp8_autoquant_full"
+    assert live_checked[name]["live"]["ok"]
+    plan = plan_of(check_run.run, name)
+    assert adapter.to_memory(DOUBLED + ".weight").rsplit(".", 1)[0] in plan["fp8_modules"]
+    bad = with_doubled_weight_scale(check_run.run / "checkpoints" / name, tmp_path / "doubled", DOUBLED)
+    reference = read_json(check_run.run / fidelity.REFERENCE_FILE, "served")
+    res, _ = check_folder(bad, plan, net, adapter, layout, True, False, lambda: reference)
+    live = res["live"]
+    assert res["static"]["ok"] and live["ran"]
+    assert not res["ok"] and live["ok"] is False
+    assert not any("weight load warning" in e for e in live["errors"])
+    out_errors = [e for e in live["errors"] if e.startswith("outputs: ")]
+    assert out_errors and all("BF16 source" in e for e in out_errors), live["errors"]
+
+
+def test_vision_regex_in_one_naming_breaks_vllm_too(check_run, tmp_path):
     """The broken variant fails in vLLM itself, not only in the static check: proof the rule is real."""
-    from fp8mix.check.live import run_live
-
     bad = broken_copy(check_run.run / "checkpoints" / "fp8_autoquant_top25", tmp_path / "bad",
                       ignore_edit=lambda ign: [e if e != "re:.*visual.*" else r"re:model\.visual\..*" for e in ign])
-    live = run_live(bad, [], [])
+    live = serve(bad)
     assert live["ran"] and live["ok"] is False
     assert any("Attempted to load weight" in e for e in live["errors"]), live["errors"][:3]

@@ -1,27 +1,53 @@
-"""Live vLLM check of a checkpoint: load it with vLLM, inspect every linear layer, generate, write a JSON verdict.
+"""Serve a checkpoint with vLLM once: load it, inspect every linear layer, answer a file of chat requests, write
+one JSON result. The live check and served evaluations share this engine start.
 
 Standalone on purpose: it runs under the vLLM venv (.venv-vllm, built by scripts/make_vllm_env.sh), where fp8mix is
 not installed, so it imports only vllm, torch, PIL and the standard library:
 
     .venv-vllm/bin/python src/fp8mix/check/vllm_live.py --model DIR --out result.json \
-        [--expect-fp8 NAME,NAME,...] [--expect-bf16 NAME,...] [--log vllm.log]
+        [--requests requests.json] [--expect-fp8 NAME,NAME,...] [--expect-bf16 NAME,...] [--log vllm.log] \
+        [--max-model-len 1024] [--max-num-seqs 16]
 
-NAMEs may be vLLM layer names (``language_model.model.layers.1.self_attn.qkv_proj``), HF names in either naming
-(``model.layers.1.self_attn.q_proj``, ``model.language_model.layers.1.mlp.gate_proj``: mapped with the model's own
-``hf_to_vllm_mapper`` and fused with its ``packed_modules_mapping``), or ``re:<regex>`` matched (re.fullmatch)
-against vLLM names. Every NAME must match at least one layer, and every matched layer must hold float8_e4m3fn
-(``--expect-fp8``) or bfloat16 (``--expect-bf16``) weights.
+Layer expectations. NAMEs may be vLLM layer names (``language_model.model.layers.1.self_attn.qkv_proj``), HF names
+in either naming (``model.layers.1.self_attn.q_proj``, ``model.language_model.layers.1.mlp.gate_proj``: mapped with
+the model's own ``hf_to_vllm_mapper`` and fused with its ``packed_modules_mapping``), or ``re:<regex>`` matched
+(re.fullmatch) against vLLM names. Every NAME must match at least one layer, and every matched layer must hold
+float8_e4m3fn (``--expect-fp8``) or bfloat16 (``--expect-bf16``) weights.
+
+Requests (``--requests``; without it, one image and one text prompt are generated as a smoke test):
+    {"requests": [{
+        "id": "unique name",
+        "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...],
+                                   # Hugging Face chat format; a string content is allowed too
+        "images": ["a.png"],       # one file per image item, in order (relative to the request file)
+        "add_generation_prompt": true,   # default: true unless the last message is the assistant's
+        "max_tokens": 16,          # greedy tokens to generate (0: none, the prompt is only scored)
+        "ignore_eos": false,
+        "prompt_logprobs": 5,      # top-k logprobs at every prompt position (null: none)
+        "continuation": [ids] | "generated" | null,   # tokens appended to the prompt and scored teacher-forced
+        "continuation_logprobs": 5 # top-k at each continuation position
+    }, ...]}
+The prompt is rendered by vLLM's own chat path (``LLM.chat``: the checkpoint's chat template, its processor
+config), as a served deployment renders it. Generation is greedy (temperature 0). A continuation is scored in a
+second pass over the prompt's token ids plus the continuation (image placeholders collapsed so that vLLM expands
+them again), so its logprobs come from one prefill, like ``prompt_logprobs``.
+
+JSON written to --out (always, also on failure):
+    {"ok", "vllm_version", "torch_version", "model", "quantization", "model_class",
+     "layers": {vllm_name: {"quant_method", "scheme", "kernel", "weight_dtype", "weight_shape",
+                            "weight_scale_dtype", "weight_scale_shape", "module"}},
+     "expectations": {...},
+     "outputs": {id: {"prompt_token_ids", "n_image_tokens", "text", "token_ids", "finish_reason",
+                      "prompt_logprobs": [null, {"logprob", "rank", "top": [[token, logprob], ...]}, ...],
+                      "continuation": {"token_ids", "logprobs", "ranks", "top": [[[token, logprob], ...], ...]}}},
+     "engine": {...}, "warnings": [...], "errors": [...], "timings_s": {...}}
+``prompt_logprobs[i]`` is the distribution of prompt token i given tokens < i (entry 0 is null); ``logprob`` and
+``rank`` are those of the prompt's own token i. Exit status: 0 ok, 1 a check failed, 2 vLLM raised (load or
+generation) or the request file is invalid.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so ``LLM.apply_model`` hands us the real
 ``torch.nn.Module`` and vLLM's log records reach our handler. Any "Attempted to load weight ..." warning (a BF16
 tensor loaded into an FP8 parameter, the silent failure mode of mismatched ignore lists) fails the check.
-
-JSON written to --out (always, also on failure):
-    {"ok", "vllm_version", "torch_version", "model", "quantization", "layers": {vllm_name: {"quant_method",
-     "scheme", "kernel", "weight_dtype", "weight_shape", "weight_scale_dtype", "weight_scale_shape", "module"}},
-     "expectations": {...}, "generations": {"image": {"prompt", "text", "token_ids"}, "text": {...}},
-     "warnings": [...], "errors": [...], "timings_s": {...}}
-Exit status: 0 ok, 1 a check failed, 2 vLLM raised (load or generation).
 """
 from __future__ import annotations
 
@@ -48,7 +74,9 @@ def _set_env() -> None:
 
 
 LOAD_WARNING_PATTERNS = (re.compile(r"Attempted to load weight"),)
-MAX_TOKENS = 8
+SMOKE_TOKENS = 8
+REQUEST_KEYS = {"id", "messages", "images", "add_generation_prompt", "max_tokens", "ignore_eos", "prompt_logprobs",
+                "continuation", "continuation_logprobs"}
 
 
 class _Capture:
@@ -83,7 +111,7 @@ class _Capture:
         return out
 
 
-def _make_image():
+def _smoke_image():
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (112, 112), "white")
@@ -91,6 +119,180 @@ def _make_image():
     d.ellipse((14, 14, 62, 62), fill="red")
     d.rectangle((60, 60, 100, 100), fill="blue")
     return img
+
+
+def _smoke_requests() -> list[dict]:
+    """One image and one text prompt, 8 greedy tokens each (no --requests)."""
+    return [{"id": "image", "messages": [{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": "What shapes are in the picture?"}]}],
+             "images": [_smoke_image()], "max_tokens": SMOKE_TOKENS, "ignore_eos": True},
+            {"id": "text", "messages": [{"role": "user", "content": "The capital of France is"}],
+             "images": [], "max_tokens": SMOKE_TOKENS, "ignore_eos": True}]
+
+
+def _image_items(content) -> int:
+    if isinstance(content, str):
+        return 0
+    return sum(1 for c in content if isinstance(c, dict) and c.get("type") == "image")
+
+
+def load_requests(path: str) -> list[dict]:
+    """The requests of a request file, validated, with their images opened (RGB)."""
+    from PIL import Image
+
+    with open(path) as f:
+        doc = json.load(f)
+    reqs = doc.get("requests") if isinstance(doc, dict) else None
+    if not isinstance(reqs, list) or not reqs:
+        raise ValueError(f"{path}: expected {{\"requests\": [...]}} with at least one request")
+    base = os.path.dirname(os.path.abspath(path))
+    seen = set()
+    out = []
+    for i, r in enumerate(reqs):
+        where = f"{path}: request {i}"
+        if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not r["id"]:
+            raise ValueError(f"{where}: every request needs a string id")
+        where = f"{path}: request {r['id']!r}"
+        if r["id"] in seen:
+            raise ValueError(f"{where}: duplicate id")
+        seen.add(r["id"])
+        unknown = set(r) - REQUEST_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        msgs = r.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                              for m in msgs):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        paths = r.get("images", [])
+        n_items = sum(_image_items(m["content"]) for m in msgs)
+        if len(paths) != n_items:
+            raise ValueError(f"{where}: {n_items} image item(s) in messages but {len(paths)} image file(s)")
+        images = []
+        for p in paths:
+            full = p if os.path.isabs(p) else os.path.join(base, p)
+            with Image.open(full) as im:
+                images.append(im.convert("RGB"))
+        cont = r.get("continuation")
+        if cont is not None and cont != "generated" and not (isinstance(cont, list)
+                                                             and all(isinstance(t, int) for t in cont)):
+            raise ValueError(f"{where}: 'continuation' must be a list of token ids, \"generated\" or null")
+        out.append({**r, "images": images})
+    return out
+
+
+def _vllm_messages(messages: list[dict], images: list) -> list[dict]:
+    """HF chat messages with {"type": "image"} items -> vLLM chat messages with the PIL images in place."""
+    it = iter(images)
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        parts = []
+        for item in content:
+            kind = item.get("type")
+            if kind == "image":
+                parts.append({"type": "image_pil", "image_pil": next(it)})
+            elif kind == "text":
+                parts.append({"type": "text", "text": item["text"]})
+            else:
+                raise ValueError(f"unsupported content item type {kind!r} (image and text only)")
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def _position(lp: dict | None, token: int, k: int) -> dict | None:
+    """One position's logprobs: the given token's logprob and rank, and the top-k (rank order)."""
+    if lp is None:
+        return None
+    own = lp.get(token)
+    ranked = sorted(((v.rank if v.rank is not None else 1 << 30, tid, v.logprob) for tid, v in lp.items()))
+    top = [[tid, float(val)] for rank, tid, val in ranked if rank <= k][:k]
+    return {"logprob": None if own is None else float(own.logprob),
+            "rank": None if own is None else own.rank, "top": top}
+
+
+def _collapse(ids: list[int], image_token_id: int | None) -> list[int]:
+    """Runs of the image placeholder token collapsed to one (vLLM expands each placeholder again)."""
+    if image_token_id is None:
+        return list(ids)
+    out: list[int] = []
+    for t in ids:
+        if t == image_token_id and out and out[-1] == image_token_id:
+            continue
+        out.append(t)
+    return out
+
+
+def serve(llm, requests: list[dict], errors: list[str], timings: dict) -> dict[str, dict]:
+    """Answer every request (greedy generation, prompt logprobs, teacher-forced continuations)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    image_token_id = getattr(llm.llm_engine.model_config.hf_config, "image_token_id", None)
+    outputs: dict[str, dict] = {}
+    groups: dict[bool, list[dict]] = {}
+    for r in requests:
+        agp = r.get("add_generation_prompt")
+        if agp is None:
+            agp = r["messages"][-1]["role"] != "assistant"
+        groups.setdefault(bool(agp), []).append(r)
+    for agp, reqs in groups.items():
+        t = time.perf_counter()
+        params = [SamplingParams(temperature=0.0, max_tokens=max(1, int(r.get("max_tokens", 0))),
+                                 ignore_eos=bool(r.get("ignore_eos", False)), seed=0,
+                                 prompt_logprobs=r.get("prompt_logprobs")) for r in reqs]
+        results = llm.chat([_vllm_messages(r["messages"], r["images"]) for r in reqs], params, use_tqdm=False,
+                           add_generation_prompt=agp, continue_final_message=False)
+        for r, res in zip(reqs, results):
+            ids = list(res.prompt_token_ids or [])
+            c = res.outputs[0]
+            n_gen = int(r.get("max_tokens", 0))
+            o = {"prompt_token_ids": ids, "n_image_tokens": sum(1 for t in ids if t == image_token_id),
+                 "text": c.text if n_gen else "", "token_ids": list(c.token_ids) if n_gen else [],
+                 "finish_reason": c.finish_reason if n_gen else None}
+            k = r.get("prompt_logprobs")
+            if k is not None:
+                plp = res.prompt_logprobs or []
+                o["prompt_logprobs"] = [_position(lp, t, k) for lp, t in zip(plp, ids)]
+            outputs[r["id"]] = o
+            if r["images"] and o["n_image_tokens"] == 0:
+                errors.append(f"request {r['id']}: the prompt holds no image token: the image never reached "
+                              "the model")
+            if n_gen >= 4 and o["token_ids"] and all(t == 0 for t in o["token_ids"]):
+                errors.append(f"request {r['id']}: token 0 repeated (NaN logits / garbage weights?)")
+        timings[f"chat_{'prompts' if agp else 'conversations'}"] = round(time.perf_counter() - t, 2)
+    scored = [r for r in requests if r.get("continuation") is not None]
+    if scored:
+        t = time.perf_counter()
+        prompts, params, conts = [], [], []
+        for r in scored:
+            o = outputs[r["id"]]
+            cont = o["token_ids"] if r["continuation"] == "generated" else list(r["continuation"])
+            conts.append(cont)
+            p = {"prompt_token_ids": _collapse(o["prompt_token_ids"] + cont, image_token_id)}
+            if r["images"]:
+                p["multi_modal_data"] = {"image": r["images"] if len(r["images"]) > 1 else r["images"][0]}
+            prompts.append(TokensPrompt(**p))
+            params.append(SamplingParams(temperature=0.0, max_tokens=1, seed=0,
+                                         prompt_logprobs=int(r.get("continuation_logprobs", 5))))
+        results = llm.generate(prompts, params, use_tqdm=False)
+        for r, cont, res in zip(scored, conts, results):
+            o = outputs[r["id"]]
+            ids = list(res.prompt_token_ids or [])
+            full = o["prompt_token_ids"] + cont
+            if ids != full:
+                errors.append(f"request {r['id']}: the continuation pass saw {len(ids)} prompt tokens, not the "
+                              f"{len(full)} of prompt + continuation")
+                continue
+            k = int(r.get("continuation_logprobs", 5))
+            n = len(o["prompt_token_ids"])
+            pos = [_position(lp, t, k) for lp, t in zip((res.prompt_logprobs or [])[n:], cont)]
+            o["continuation"] = {"token_ids": cont, "logprobs": [p["logprob"] for p in pos],
+                                 "ranks": [p["rank"] for p in pos], "top": [p["top"] for p in pos]}
+        timings["continuations"] = round(time.perf_counter() - t, 2)
+    return outputs
 
 
 def _inspect(model):
@@ -183,32 +385,39 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder")
     ap.add_argument("--out", required=True, help="JSON result file")
+    ap.add_argument("--requests", default=None, help="JSON file of chat requests (default: a smoke test)")
     ap.add_argument("--expect-fp8", default="", help="comma-separated layer names that must be float8_e4m3fn")
     ap.add_argument("--expect-bf16", default="", help="comma-separated layer names that must be bfloat16")
-    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--log", default=None, help="also write every captured vLLM log line here")
     args = ap.parse_args(argv)
     _set_env()
 
     result: dict = {"ok": False, "vllm_version": None, "torch_version": None, "model": os.path.abspath(args.model),
-                    "quantization": None, "layers": {}, "expectations": {}, "generations": {}, "warnings": [],
-                    "errors": [], "timings_s": {}}
+                    "quantization": None, "layers": {}, "expectations": {}, "outputs": {}, "warnings": [],
+                    "errors": [], "timings_s": {},
+                    "engine": {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+                               "dtype": "bfloat16", "enforce_eager": True, "enable_prefix_caching": False}}
     capture = _Capture()
     rc = 2
     t0 = time.perf_counter()
     try:
+        requests = load_requests(args.requests) if args.requests else _smoke_requests()
+        n_images = max(sum(1 for _ in r["images"]) for r in requests)
         with warnings.catch_warnings(record=True) as py_warnings:
             warnings.simplefilter("always")
             capture.install()
             import torch
             import vllm
-            from vllm import LLM, SamplingParams
+            from vllm import LLM
 
             result["vllm_version"] = vllm.__version__
             result["torch_version"] = torch.__version__
 
             llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=args.max_model_len,
-                      max_num_seqs=2, limit_mm_per_prompt={"image": 1, "video": 0}, seed=0)
+                      max_num_seqs=args.max_num_seqs, enable_prefix_caching=False,
+                      limit_mm_per_prompt={"image": max(1, n_images), "video": 0}, seed=0)
             result["timings_s"]["load"] = round(time.perf_counter() - t0, 2)
             result["quantization"] = llm.llm_engine.model_config.quantization
 
@@ -220,30 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             expect = {"float8_e4m3fn": _split(args.expect_fp8), "bfloat16": _split(args.expect_bf16)}
             result["expectations"] = _check_expectations(info["layers"], info["mapper"], info["packed"], expect,
                                                          result["errors"])
-
-            sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, seed=0)
             t1 = time.perf_counter()
-            question = "What shapes are in the picture?"
-            msgs = [{"role": "user", "content": [{"type": "image_pil", "image_pil": _make_image()},
-                                                 {"type": "text", "text": question}]}]
-            out_img = llm.chat(msgs, sp, use_tqdm=False)[0]
-            prompt = "The capital of France is"
-            out_txt = llm.generate([prompt], sp, use_tqdm=False)[0]
-            result["timings_s"]["generate"] = round(time.perf_counter() - t1, 2)
-            for key, out, p in (("image", out_img, question), ("text", out_txt, prompt)):
-                c = out.outputs[0]
-                ids = list(c.token_ids)
-                result["generations"][key] = {"prompt": p, "n_prompt_tokens": len(out.prompt_token_ids or []),
-                                              "text": c.text, "token_ids": ids}
-                if len(ids) != MAX_TOKENS:
-                    result["errors"].append(f"{key} prompt: {len(ids)} tokens generated, expected {MAX_TOKENS}")
-                elif all(i == 0 for i in ids):
-                    result["errors"].append(f"{key} prompt: token 0 repeated (NaN logits / garbage weights?)")
-            image_token_id = getattr(llm.llm_engine.model_config.hf_config, "image_token_id", None)
-            n_img = sum(1 for i in (out_img.prompt_token_ids or []) if i == image_token_id)
-            result["generations"]["image"]["n_image_tokens"] = n_img
-            if image_token_id is not None and n_img == 0:
-                result["errors"].append("image prompt holds no image token: the image never reached the model")
+            result["outputs"] = serve(llm, requests, result["errors"], result["timings_s"])
+            result["timings_s"]["serve"] = round(time.perf_counter() - t1, 2)
+            result["n_requests"] = len(requests)
         for w in py_warnings:  # deprecation noise from torch/transformers is left out
             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
                 result["warnings"].append(f"{w.category.__name__}: {w.message}")
@@ -261,15 +450,18 @@ def main(argv: list[str] | None = None) -> int:
         if rc == 0 and result["errors"]:
             rc = 1
         result["ok"] = rc == 0
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True, default=str)
+        out = os.path.abspath(args.out)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = f"{out}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, sort_keys=True, default=str)
+        os.replace(tmp, out)
         if args.log:
             with open(args.log, "w") as f:
                 f.write("\n".join(capture.lines()) + "\n")
         status = "OK" if result["ok"] else "FAILED: " + "; ".join(result["errors"])[:2000]
-        print(f"vllm_live: {status} ({len(result['layers'])} layers, {result['timings_s'].get('total')} s) "
-              f"-> {args.out}", file=sys.stderr)
+        print(f"vllm_live: {status} ({len(result['layers'])} layers, {len(result['outputs'])} requests, "
+              f"{result['timings_s'].get('total')} s) -> {args.out}", file=sys.stderr)
     return rc
 
 
