@@ -4,7 +4,8 @@ Runs ONLY in the ModelOpt environment (``make modelopt-env`` builds ``.venv-mode
 fp8mix::
 
     .venv-modelopt/bin/python tests/parity/modelopt_scores.py \
-        --model DIR --batches batches.safetensors --out scores.json [--dtype float32|bfloat16]
+        --model DIR --batches batches.safetensors --out scores.json [--dtype float32|bfloat16] \
+        [--codes codes.safetensors]
 
 Inputs
 ------
@@ -42,11 +43,26 @@ Output JSON
 ``score`` is ``candidate_stats[...]["scores"][0]`` (the FP8 score of the group: sum over its modules and over all
 score batches of ``sum((dL/dY * (Y_fp8 - Y))**2)``); ``amax`` are the calibrated per-tensor FP8 amax values of
 that group's quantizers. Only searchable groups (not disabled) are listed.
+
+FP8 codes (``--codes FILE``)
+----------------------------
+The FP8 operands ModelOpt's scoring actually used, so that a comparison can tell a tie rounded the other way from a
+different computation. Every call of an enabled, quantizing (not calibrating) ``TensorQuantizer`` is recorded; in the
+gradient method that is exactly the FP8-recipe forward that computes ``Y_fp8 - Y``, once per module and score batch
+(with HF gradient checkpointing, in the recomputation during backward). The fake-quantized output
+``code * (1 / (448 / amax))`` is turned back into its E4M3 code by ``* (448 / amax)`` and a round-to-nearest cast,
+which is exact: the round trip moves a code by a few float32 ulps, the nearest other E4M3 value is >= 1/16 away.
+Saved as uint8 bit patterns (``.view(torch.float8_e4m3fn)`` reads them), one tensor per module:
+
+* ``input/<module>``  ``[n_batches, batch_size, seq_len, in_features]``, the codes of the module's input in batch
+  order;
+* ``weight/<module>`` ``[out_features, in_features]`` (the same in every call; the script checks it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import warnings
@@ -70,12 +86,66 @@ def _describe_quantizer(meta: dict, sd: dict) -> dict:
     }
 
 
+class _CodeRecorder:
+    """Records the E4M3 codes every quantizing TensorQuantizer of `model` produces (see "FP8 codes" above)."""
+
+    def __init__(self, model):
+        self.model, self.names, self.calls = model, {}, {}
+
+    def _name(self, quantizer) -> str:
+        if id(quantizer) not in self.names:  # the recipe's quantizers are swapped in as children: look again
+            self.names.update({id(m): n for n, m in self.model.named_modules()})
+        return self.names[id(quantizer)]
+
+    def __enter__(self):
+        import torch
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        self.cls, self.orig = TensorQuantizer, TensorQuantizer.forward
+        recorder = self
+
+        def forward(quantizer, inputs):
+            out = recorder.orig(quantizer, inputs)
+            if quantizer.is_enabled and quantizer._if_quant and not quantizer._if_calib:
+                if quantizer.block_sizes is not None or quantizer.num_bits != (4, 3) or quantizer.amax.numel() != 1:
+                    raise SystemExit(f"{recorder._name(quantizer)}: not a per-tensor E4M3 quantizer")
+                amax = quantizer.amax.detach().float()
+                codes = (out.detach().float() * (448.0 / amax)).to(torch.float8_e4m3fn)
+                recorder.calls.setdefault(recorder._name(quantizer), []).append(codes.view(torch.uint8).clone())
+            return out
+
+        TensorQuantizer.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.forward = self.orig
+
+    def tensors(self, modules: list[str], n_batches: int) -> dict:
+        import torch
+
+        out = {}
+        for m in modules:
+            for kind in ("input", "weight"):
+                calls = self.calls.get(f"{m}.{kind}_quantizer", [])
+                if len(calls) != n_batches:
+                    raise SystemExit(f"{m}.{kind}_quantizer quantized {len(calls)} times, expected one per score "
+                                     f"batch ({n_batches})")
+                if kind == "weight":
+                    if any(not torch.equal(c, calls[0]) for c in calls):
+                        raise SystemExit(f"{m}: the FP8 weight codes changed between batches")
+                    out[f"weight/{m}"] = calls[0].contiguous()
+                else:
+                    out[f"input/{m}"] = torch.stack(calls).contiguous()
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--batches", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--codes", help="also save the FP8 input and weight codes of every scored module here")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave default)")
     ap.add_argument("--no-grad-checkpointing", action="store_true",
                     help="debug: drop ModelOpt's HF grad-checkpointing support (all params get requires_grad)")
@@ -113,8 +183,9 @@ def main() -> None:
     if args.no_grad_checkpointing:
         AutoQuantizeGradientSearcher._custom_support.clear()
     t1 = time.perf_counter()
+    recorder = _CodeRecorder(model)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (recorder if args.codes else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
             model, state = mtq.auto_quantize(
                 model,
@@ -155,6 +226,11 @@ def main() -> None:
                 if quantizer.setdefault(kind, desc) != desc:
                     raise SystemExit(f"{qn}: quantizer config differs from others: {desc}")
         groups[mods[0]] = {"modules": mods, "score": float(st["scores"][0]), "amax": amax}
+
+    if args.codes:
+        from safetensors.torch import save_file
+
+        save_file(recorder.tensors([m for g in groups.values() for m in g["modules"]], n_batches), args.codes)
 
     out = {
         "modelopt_version": modelopt.__version__,
