@@ -12,6 +12,11 @@ from ..data.samples import DEFAULT_MAX_LENGTH, DEFAULT_MAX_PIXELS
 from ..quant.numerics import FP8Format
 
 
+# Raised whenever the same settings would give other scores, so that cached scores of older code are not reused.
+# 2: batches carry mm_token_type_ids (M-RoPE positions); fp8_static uses the fused groups' shared scales.
+SCORING_VERSION = 2
+
+
 class AutoQuantSettings(BaseModel):
     """What decides a scoring pass's result. Equal settings share one pass."""
 
@@ -28,6 +33,8 @@ class AutoQuantSettings(BaseModel):
     data: str = "embedded"
 
     def key(self, model_fingerprint: str) -> str:
-        """A short hash of the settings and the model: the cache name of the scores they produce."""
-        doc = json.dumps({"model": model_fingerprint, **self.model_dump(mode="json")}, sort_keys=True)
+        """A short hash of the settings, the model and the scoring code's version: the cache name of the scores
+        they produce."""
+        doc = json.dumps({"model": model_fingerprint, "scoring_version": SCORING_VERSION,
+                          **self.model_dump(mode="json")}, sort_keys=True)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
