@@ -103,6 +103,8 @@ def test_fp8_full_emulated_vs_served(embedded, check_run, live_checked, parity_s
     name = "fp8_autoquant_full"
     assert live_checked[name]["live"]["ok"], live_checked[name]["live"]["errors"]
     served = served_outputs(check_run.run, name)
+    mismatches = _prompt_mismatches(embedded.processor, parity_samples, served)  # vLLM read the checkpoint's files
+    assert not mismatches, f"vLLM's prompt tokens for {name} differ from fp8mix's on {len(mismatches)}: {mismatches[:3]}"
     with scheme_applied(embedded.model, check_run.run / "checkpoints" / name, embedded.adapter) as fp8:
         assert fp8, "the checkpoint holds no FP8 layer"
         mine = greedy_replies(embedded.model, embedded.processor, parity_samples,

@@ -116,9 +116,9 @@ def compare(outputs: dict, reference: dict, tolerances: dict = TOLERANCES) -> di
             errors.append(f"{rid}: no teacher-forced output from vLLM")
             continue
         if out["prompt_token_ids"] != ref["prompt_token_ids"]:
-            errors.append(f"{rid}: the prompt's token ids differ from the BF16 source's ({len(out['prompt_token_ids'])} "
-                          f"vs {len(ref['prompt_token_ids'])} tokens): tokenizer, chat template or image processor "
-                          "config changed")
+            errors.append(f"{rid}: the prompt's token ids differ from the BF16 source's "
+                          f"({len(out['prompt_token_ids'])} vs {len(ref['prompt_token_ids'])} tokens): tokenizer, "
+                          "chat template or image processor config changed")
             continue
         c, rc = out["continuation"], ref["continuation"]
         top_c = [t[0][0] if t else None for t in c["top"]]
