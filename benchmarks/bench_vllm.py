@@ -464,7 +464,7 @@ def run_proof(ckpt: Path, plan_file: Path, work: Path, n_eval: int) -> dict:
         kernels[key] = kernels.get(key, 0) + 1
     proof["live_check"] = {"ok": live.get("ok"), "rc": p.returncode, "errors": live.get("errors", [])[:10],
                            "quantization": live.get("quantization"), "layer_kinds": kernels,
-                           "generations": live.get("generations"), "timings_s": live.get("timings_s"),
+                           "generations": live.get("outputs"), "timings_s": live.get("timings_s"),
                            "n_layers": len(live.get("layers", {})), "wall_s": round(time.perf_counter() - t0, 1)}
     engine = {"dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.3, "enforce_eager": True,
               "limit_mm_per_prompt": {"image": 1, "video": 0}, "seed": 0}
