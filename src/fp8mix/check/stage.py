@@ -19,7 +19,8 @@ from .static import check_static
 SERVED_DIR = Path("checks") / "served"
 
 
-def live_check(folder: Path, plan: dict, adapter, reference: dict, extra: RequestSet | None = None) -> tuple[dict, dict]:
+def live_check(folder: Path, plan: dict, adapter, reference: dict,
+               extra: RequestSet | None = None) -> tuple[dict, dict]:
     """Serve one checkpoint (one engine start): layer dtypes, load warnings, outputs against the BF16 reference.
     Returns (the live verdict, every served output by request id)."""
     fp8 = [adapter.to_disk(m) for m in plan["fp8_modules"]]
