@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import FP8MixError
 
-SCHEMA = "fp8mix/{kind}/v1"
+SCHEMA = "fp8mix/{kind}/v{version}"
 
 
 def dumps(doc: dict) -> str:
@@ -17,10 +17,10 @@ def dumps(doc: dict) -> str:
     return json.dumps(doc, indent=2, sort_keys=True, allow_nan=True) + "\n"
 
 
-def write_json(path: Path, kind: str, doc: dict) -> Path:
+def write_json(path: Path, kind: str, doc: dict, version: int = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": SCHEMA.format(kind=kind), **doc}
+    doc = {"schema": SCHEMA.format(kind=kind, version=version), **doc}
     text = dumps(doc)
     if path.is_file() and path.read_text() == text:  # unchanged: keep the file (and its time) as it is
         return path
@@ -35,7 +35,8 @@ def write_json(path: Path, kind: str, doc: dict) -> Path:
     return path
 
 
-def read_json(path: Path, kind: str, hint: str = "") -> dict:
+def read_json(path: Path, kind: str, hint: str = "", versions: tuple[int, ...] = (1,)) -> dict:
+    """The document at `path`, which must be a `kind` file of one of `versions`."""
     path = Path(path)
     if not path.is_file():
         raise FP8MixError(f"{path} not found{'; ' + hint if hint else ''}")
@@ -43,7 +44,12 @@ def read_json(path: Path, kind: str, hint: str = "") -> dict:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FP8MixError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); delete it and rerun the stage") from None
-    want = SCHEMA.format(kind=kind)
-    if doc.get("schema") != want:
-        raise FP8MixError(f"{path} is not a {want} file (schema {doc.get('schema')!r})")
+    wanted = [SCHEMA.format(kind=kind, version=v) for v in versions]
+    if doc.get("schema") not in wanted:
+        raise FP8MixError(f"{path} is not a {' or '.join(wanted)} file (schema {doc.get('schema')!r})")
     return doc
+
+
+def schema_version(doc: dict) -> int:
+    """The version number of a document read by `read_json`."""
+    return int(doc["schema"].rsplit("/v", 1)[1])

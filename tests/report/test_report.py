@@ -29,14 +29,48 @@ def test_report_numbers_equal_eval_json(small_run):
     for row in ev["rows"]:
         line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row['scheme']} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[6] == (format(row["kl_mean"], ".3g") if row["scheme"] != "bf16" else "0")
-        assert cells[8] == (format(row["top1_agreement"], ".4f") if row["scheme"] != "bf16" else "1")
-        assert cells[9] == format(row["ppl"], ".4f")
-        assert cells[10] == format(row["answer_accuracy"], ".3f")
+        scheme = row["scheme"] != "bf16"
+        assert cells[6] == (format(row["kl_mean"], ".3g") if scheme else "0")
+        assert cells[8] == (format(row["top1_agreement"], ".4f") if scheme else "1")
+        assert cells[9] == (format(row["kl_reply_mean"], ".3g") if scheme else "0")
+        assert cells[10] == (format(row["top1_reply_agreement"], ".4f") if scheme else "1")
+        assert cells[11] == format(row["ppl"], ".4f")
+        assert cells[12] == format(row["answer_accuracy"], ".3f")
+        assert cells[13] == (f"{row['flips_vs_bf16']}/{row['n_samples']}" if scheme else "0")
         assert cells[5] == f"{row['lm_weight_bytes'] / 1e6:,.2f}"
-        if row["scheme"] != "bf16":
+        if scheme:
             assert summary["schemes"][row["scheme"]]["kl_mean"] == row["kl_mean"]
+            assert summary["schemes"][row["scheme"]]["flips_vs_bf16"] == row["flips_vs_bf16"]
+            assert row["n_reply_positions"] < row["n_text_positions"]
     assert re.search(r"\| bf16 \| — \| 0/8 \|", text)
+
+
+def test_report_reads_a_v1_eval_json(small_run, tmp_path):
+    """An eval.json written before v2 (KL over every non-padding position, exact-match accuracy, no reply metrics
+    or flips) still makes a report, which says what its figures cover."""
+    import shutil
+
+    from fp8mix.report.stage import stage_report
+    from fp8mix.rundir import write_json
+
+    opts, _ = small_run
+    run = shutil.copytree(opts.run, tmp_path / "run")
+    ev = json.loads((run / "eval.json").read_text())
+    v1_fields = ("scheme", "kl_mean", "kl_p99", "top1_agreement", "ppl", "answer_accuracy", "n_samples",
+                 "lm_weight_bytes", "checkpoint_bytes", "effective_bits")
+    rows = [{**{k: r[k] for k in v1_fields}, "n_tokens": r["n_text_positions"] + 5} for r in ev["rows"]]
+    doc = {k: ev[k] for k in ("model", "data", "n_samples", "eval_seed")}
+    write_json(run / "eval.json", "eval", {**doc, "rows": rows})
+    stage_report(type(opts)(**{**opts.__dict__, "run": run}))
+    text = (run / "report.md").read_text()
+    assert "over every non-padding position" in text and "eval.json v1" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| fp8_autoquant_full |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    full = next(r for r in rows if r["scheme"] == "fp8_autoquant_full")
+    assert cells[6] == format(full["kl_mean"], ".3g")
+    assert cells[9] == cells[10] == cells[12] == cells[13] == "n/a"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["schemes"]["fp8_autoquant_full"]["answer_exact_match"] == full["answer_accuracy"]
 
 
 def test_run_resumes_and_force_redoes(small_run):

@@ -1,10 +1,23 @@
-"""Answer accuracy: exact match of the greedy reply against the sample's reference answer."""
+"""Greedy replies and what is read off them: answer accuracy against the samples' reference answers, and flips
+against the BF16 model's own replies (which need no reference answer).
+
+Replies and answers are compared normalised (`normalise`): the first sentence only, case folded, punctuation
+dropped, whitespace collapsed. So "The circle." and "the circle" agree, and so do a short reference answer and
+a reply that states it and then goes on. The exact match of the stripped texts is kept beside it.
+"""
 
 from __future__ import annotations
+
+import re
+import unicodedata
 
 import torch
 
 from ..data.samples import ChatSample, encode
+
+REPLY_TOKENS = 32  # greedy tokens generated per reply
+# A sentence ends at . ! or ? followed by whitespace, or at a line break ("3.5 cm" does not end one).
+SENTENCE_END = re.compile(r"(?<=[.!?])\s|\n")
 
 
 def with_shuffled_images(samples: list[ChatSample]) -> list[ChatSample]:
@@ -14,8 +27,16 @@ def with_shuffled_images(samples: list[ChatSample]) -> list[ChatSample]:
     return [ChatSample(s.messages, im, s.answer, s.source) for s, im in zip(samples, imgs)]
 
 
+def normalise(text: str) -> str:
+    """The first sentence of `text`, case folded, every punctuation character replaced by a space, whitespace
+    collapsed and stripped."""
+    first = SENTENCE_END.split(text.strip(), maxsplit=1)[0].casefold()
+    spaced = "".join(" " if unicodedata.category(c).startswith("P") else c for c in first)
+    return " ".join(spaced.split())
+
+
 @torch.no_grad()
-def greedy_replies(model, processor, samples: list[ChatSample], max_new_tokens: int = 12,
+def greedy_replies(model, processor, samples: list[ChatSample], max_new_tokens: int = REPLY_TOKENS,
                    batch_size: int = 16) -> list[str]:
     device = next(model.parameters()).device
     out_texts = []
@@ -27,12 +48,27 @@ def greedy_replies(model, processor, samples: list[ChatSample], max_new_tokens: 
     return [t.strip() for t in out_texts]
 
 
+def accuracy_of(replies: list[str], samples: list[ChatSample]) -> dict:
+    """Answer accuracy of `replies` (one per sample) over the samples that have a reference answer: normalised
+    (`answer_accuracy`) and exact (`answer_exact_match`); NaN when no sample has an answer."""
+    pairs = [(r, s.answer) for r, s in zip(replies, samples, strict=True) if s.answer is not None]
+    n = len(pairs)
+    return {"answer_accuracy": sum(normalise(r) == normalise(a) for r, a in pairs) / n if n else float("nan"),
+            "answer_exact_match": sum(r.strip() == a.strip() for r, a in pairs) / n if n else float("nan"),
+            "n_answers": n}
+
+
+def flips(replies: list[str], reference: list[str]) -> int:
+    """How many replies differ, normalised, from the reference model's reply to the same sample."""
+    return sum(normalise(a) != normalise(b) for a, b in zip(replies, reference, strict=True))
+
+
 def answer_accuracy(model, processor, samples: list[ChatSample], shuffle_images: bool = False,
                     batch_size: int = 16) -> float:
+    """Normalised answer accuracy of `model`'s greedy replies on the samples that have an answer."""
     scored = [s for s in samples if s.answer is not None]
     if not scored:
         return float("nan")
     if shuffle_images:
         scored = with_shuffled_images(scored)
-    replies = greedy_replies(model, processor, scored, batch_size=batch_size)
-    return sum(r == s.answer.strip() for r, s in zip(replies, scored)) / len(scored)
+    return accuracy_of(greedy_replies(model, processor, scored, batch_size=batch_size), scored)["answer_accuracy"]

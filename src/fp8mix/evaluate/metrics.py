@@ -1,82 +1,162 @@
 """Quality of a quantized model against the BF16 reference, on held-out samples with images.
 
-Token positions: every non-padding position predicts the next token; KL and top-1 agreement use them all.
-Perplexity uses the assistant reply tokens only (the labelled ones). KL is KL(p_BF16 ‖ p_scheme) in nats.
+Position t of a sequence predicts token t+1. Two sets of positions are counted, each with its own KL and top-1:
+
+- **text**: token t+1 is a real token (attention mask 1) and not a vision placeholder. The placeholders are the
+  config's `image_token_id` and `video_token_id` (the pad tokens the vision tower's embeddings replace) and
+  `vision_start_token_id` / `vision_end_token_id`: the processor puts those markers around every image, their
+  place is fixed by the number of image patches, and a served model never writes them into a reply, so
+  predicting them says nothing about the language model's text. System prompt, user text and chat-template
+  tokens are text and count.
+- **reply**: token t+1 is labelled (labels != -100: the assistant replies and their closing end-of-turn token),
+  and is text. This is what a served model generates.
+
+KL is KL(p_BF16 ‖ p_scheme) in nats per position, from the full distributions. Perplexity is over the labelled
+tokens. Every average must have a counted position: an empty set is an error, never a silent 0 or 1.
+
+Memory: the BF16 reference is needed position by position beside each scheme's output. It is never held for the
+whole evaluation set: the batches are taken in chunks whose reference logits (kept in the model's dtype, from
+which the log-probabilities are recomputed exactly) fit `reference_budget` bytes, and every scheme is swapped in
+once per chunk. A chunk holds at least one batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.samples import model_inputs
-from .accuracy import answer_accuracy
+from ..data.samples import ChatSample, model_inputs
+from ..errors import FP8MixError
+from .accuracy import accuracy_of, flips, greedy_replies
+
+# Config attributes naming the vision placeholder tokens (Qwen2-VL / Qwen2.5-VL naming); absent ones are skipped.
+PLACEHOLDER_CONFIG_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+REFERENCE = "bf16"
+REFERENCE_BUDGET = 4 << 30  # bytes of BF16 reference logits held at once (at least one batch's)
+SLICE = 1024                # positions whose log-probabilities are compared at once
+
+
+def placeholder_ids(config) -> list[int]:
+    """The token ids that mark or stand for images and videos in the input (see the module docstring)."""
+    ids = {getattr(config, k, None) for k in PLACEHOLDER_CONFIG_KEYS}
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def counted_positions(batch: dict, placeholders: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, reply): boolean masks of shape [batch, seq - 1]; entry t says whether position t counts (it predicts
+    token t + 1)."""
+    nxt = batch["input_ids"][:, 1:]
+    text = batch["attention_mask"][:, 1:].bool() & ~torch.isin(nxt, torch.tensor(placeholders, device=nxt.device))
+    reply = text & (batch["labels"][:, 1:] != -100)
+    return text, reply
 
 
 @dataclass
-class Reference:
-    """The BF16 model's outputs on the evaluation batches, computed once and shared by every scheme."""
+class Outputs:
+    """One model's outputs on one batch, at the batch's text positions."""
 
-    logprobs: list[torch.Tensor]   # per batch: [tokens, vocab] at the counted positions, in CPU memory
-    top1: list[torch.Tensor]
-    ppl: float
-    answer_accuracy: float
-
-
-def _positions(batch: dict) -> torch.Tensor:
-    mask = batch["attention_mask"].bool().clone()
-    mask[:, -1] = False  # the last position predicts nothing in the batch
-    return mask
+    logits: torch.Tensor   # [n_text, vocab], the model's dtype
+    reply: torch.Tensor    # [n_text] bool: the reply positions among them
+    nll: float             # summed over the labelled tokens
+    n_labelled: int
 
 
-def _nll(logits: torch.Tensor, batch: dict) -> tuple[float, int]:
+@torch.no_grad()
+def outputs(model, batch: dict, placeholders: list[int], keep_on=None) -> Outputs:
+    """Run `model` on `batch`; keep the logits at the text positions (on `keep_on`, default their device)."""
+    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
+    text, reply = (m.to(logits.device) for m in counted_positions(batch, placeholders))
     labels = batch["labels"][:, 1:].to(logits.device)
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    keep = labels != -100
-    picked = logp[keep].gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)
-    return float(-picked.sum()), int(keep.sum())
+    labelled = labels != -100
+    logp = F.log_softmax(logits[labelled].float(), dim=-1)
+    nll = -logp.gather(-1, labels[labelled].unsqueeze(-1)).sum()
+    return Outputs(logits[text].to(keep_on or logits.device), reply[text], float(nll), int(labelled.sum()))
 
 
+@dataclass
+class Tally:
+    """One model's metrics, accumulated batch by batch against the reference."""
 
-@torch.no_grad()
-def reference(model, processor, batches: list[dict], samples) -> Reference:
-    logprobs, top1, nll, n = [], [], 0.0, 0
-    for b in batches:
-        logits = model(**model_inputs(b), use_cache=False).logits
-        pos = _positions(b)
-        lp = F.log_softmax(logits.float(), dim=-1)[pos.to(logits.device)]
-        logprobs.append(lp.cpu())  # one batch at a time on the GPU; every scheme compares against these
-        top1.append(lp.argmax(-1).cpu())
-        s, k = _nll(logits, b)
-        nll, n = nll + s, n + k
-    acc = answer_accuracy(model, processor, samples)
-    return Reference(logprobs, top1, float(np.exp(nll / max(n, 1))), acc)
+    kl: list[torch.Tensor] = field(default_factory=list)       # per text position, float64
+    agree: list[torch.Tensor] = field(default_factory=list)    # per text position, bool
+    reply: list[torch.Tensor] = field(default_factory=list)    # per text position, bool
+    nll: float = 0.0
+    n_labelled: int = 0
+    replies: list[str] = field(default_factory=list)           # greedy replies, in sample order
+
+    def add(self, ref: Outputs, got: Outputs) -> None:
+        device = got.logits.device
+        for k in range(0, got.logits.shape[0], SLICE):  # bounded scratch: a slice of positions at a time
+            sl = slice(k, k + SLICE)
+            ref_lp = F.log_softmax(ref.logits[sl].to(device).float(), dim=-1)
+            lp = F.log_softmax(got.logits[sl].float(), dim=-1)
+            kl = F.kl_div(lp, ref_lp, reduction="none", log_target=True).sum(-1)
+            self.kl.append(kl.double().clamp_min(0).cpu())
+            self.agree.append((lp.argmax(-1) == ref_lp.argmax(-1)).cpu())
+        self.reply.append(got.reply.cpu())
+        self.nll += got.nll
+        self.n_labelled += got.n_labelled
+
+    def row(self, samples: list[ChatSample], reference_replies: list[str]) -> dict:
+        kl, agree, reply = (torch.cat(t).numpy() if t else np.zeros(0) for t in (self.kl, self.agree, self.reply))
+        reply = reply.astype(bool)
+        empty = ("text" if kl.size == 0 else "labelled reply" if self.n_labelled == 0
+                 else "reply" if not reply.any() else None)
+        if empty:
+            raise FP8MixError(f"the evaluation set has no {empty} token to average over (KL, top-1 agreement, "
+                              "perplexity): every sample needs text and a final assistant reply; check --data")
+        return {
+            "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
+            "top1_agreement": float(agree.mean()), "n_text_positions": int(kl.size),
+            "kl_reply_mean": float(kl[reply].mean()), "kl_reply_p99": float(np.percentile(kl[reply], 99)),
+            "top1_reply_agreement": float(agree[reply].mean()), "n_reply_positions": int(reply.sum()),
+            "ppl": float(np.exp(self.nll / self.n_labelled)), "n_labelled_tokens": self.n_labelled,
+            **accuracy_of(self.replies, samples),
+            "flips_vs_bf16": flips(self.replies, reference_replies),
+        }
 
 
-@torch.no_grad()
-def compare(model, processor, batches: list[dict], samples, ref: Reference) -> dict:
-    kls, agree, nll, n = [], [], 0.0, 0
-    for b, ref_lp, ref_top in zip(batches, ref.logprobs, ref.top1):
-        logits = model(**model_inputs(b), use_cache=False).logits
-        lp = F.log_softmax(logits.float(), dim=-1)[_positions(b).to(logits.device)]
-        kls.append(F.kl_div(lp, ref_lp.to(lp.device), reduction="none", log_target=True).sum(-1).cpu())
-        agree.append((lp.argmax(-1) == ref_top.to(lp.device)).cpu())
-        s, k = _nll(logits, b)
-        nll, n = nll + s, n + k
-    kl = torch.cat(kls).double().clamp_min(0).numpy()
-    return {
-        "kl_mean": float(kl.mean()),
-        "kl_p99": float(np.percentile(kl, 99)),
-        "top1_agreement": float(torch.cat(agree).float().mean()),
-        "ppl": float(np.exp(nll / max(n, 1))),
-        "answer_accuracy": answer_accuracy(model, processor, samples),
-        "n_tokens": int(kl.size),
-    }
+def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch: Callable[[list[ChatSample]], dict],
+             schemes: dict[str, Callable[[], AbstractContextManager]], reference_budget: int = REFERENCE_BUDGET,
+             progress: Callable[[Iterable, str], Iterable] = lambda items, _description: items) -> dict[str, dict]:
+    """Rows of metrics: the BF16 model (`model` as it is) under "bf16", and each scheme (`model` inside the
+    context manager that `schemes[name]()` returns), on the batches `make_batch(batch_samples[i])`.
 
+    Batches are made as they are reached, and the BF16 reference logits are kept on the CPU for one chunk of
+    batches at a time: a chunk grows until the next batch's reference would take it past `reference_budget` bytes
+    (a chunk holds at least one batch), then every scheme is swapped in once and compared on the chunk. So at most
+    the budget plus one batch is held, however large the evaluation set. `progress(items, description)` wraps the
+    loop over the batches."""
+    placeholders = placeholder_ids(model.config)
+    tallies = {name: Tally() for name in (REFERENCE, *schemes)}
+    chunk: list[tuple[dict, list[ChatSample], Outputs]] = []
 
-def reference_row(ref: Reference, n_tokens: int) -> dict:
-    return {"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0, "ppl": ref.ppl,
-            "answer_accuracy": ref.answer_accuracy, "n_tokens": n_tokens}
+    def compare_chunk() -> None:
+        for name, applied in schemes.items():
+            with applied():
+                for batch, samples, ref in chunk:
+                    tallies[name].add(ref, outputs(model, batch, placeholders))
+                    tallies[name].replies += greedy_replies(model, processor, samples)
+        chunk.clear()
+
+    held = 0
+    for samples in progress(batch_samples, f"evaluating BF16 and {len(schemes)} scheme(s)"):
+        batch = make_batch(samples)
+        ref = outputs(model, batch, placeholders, keep_on="cpu")
+        size = ref.logits.numel() * ref.logits.element_size()
+        if chunk and held + size > reference_budget:
+            compare_chunk()
+            held = 0
+        tallies[REFERENCE].add(ref, ref)  # against itself: KL exactly 0 and full agreement, same positions
+        tallies[REFERENCE].replies += greedy_replies(model, processor, samples)
+        chunk.append((batch, samples, ref))
+        held += size
+    if chunk:
+        compare_chunk()
+    samples = [s for group in batch_samples for s in group]
+    return {name: t.row(samples, tallies[REFERENCE].replies) for name, t in tallies.items()}

@@ -78,7 +78,9 @@ def stability(study: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def pareto(rows: list[dict], study: dict | None, path: Path) -> Path:
+def pareto(rows: list[dict], study: dict | None, positions: str, path: Path) -> Path:
+    """Each scheme's mean KL (over `positions`, as eval.json counts them) against its effective bits, with the
+    study's control choices (the control's own KL) where the study ran."""
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     schemes = [r for r in rows if r["scheme"] != "bf16"]
     for r in schemes:
@@ -96,7 +98,7 @@ def pareto(rows: list[dict], study: dict | None, path: Path) -> Path:
                        label="AutoQuant choice (control set)" if frac == "0.25" else None, zorder=4)
     ax.set_yscale("log")
     ax.set_xlabel("effective bits of the LM linear weights (lower = smaller)")
-    ax.set_ylabel("mean KL(BF16 || scheme), nats/token")
+    ax.set_ylabel(f"mean KL(BF16 || scheme), nats\nschemes: over {positions}", fontsize=9)
     ax.invert_xaxis()
     ax.set_title("Quality vs size: schemes and controls")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models import GROUP_KINDS
+from ..rundir import schema_version
 
 # Thresholds for the recommendations: FP8 W8A8 is expected to sit near llama.cpp's Q8_0 regime
 # (mean KL ~2e-4, >99 % top-1 agreement); an answer-accuracy drop within 1 point is noise at these sizes.
@@ -12,8 +13,33 @@ KL_NEAR_LOSSLESS = 1e-3
 ACC_TOLERANCE = 0.01
 
 
+# eval.json fields added in v2; a v1 file (older fp8mix) reads them as missing ("n/a").
+EVAL_V2_FIELDS = ("kl_reply_mean", "kl_reply_p99", "top1_reply_agreement", "n_text_positions", "n_reply_positions",
+                  "n_labelled_tokens", "answer_exact_match", "n_answers", "flips_vs_bf16")
+
+
+def eval_rows(ev: dict) -> tuple[dict[str, dict], str]:
+    """eval.json's rows by scheme in the current shape, and what their kl_mean/top1_agreement average over.
+    In a v1 file those cover every non-padding position and `answer_accuracy` is the exact match."""
+    if schema_version(ev) >= 2:
+        return {r["scheme"]: r for r in ev["rows"]}, "text positions"
+    rows = {}
+    for r in ev["rows"]:
+        rows[r["scheme"]] = {**dict.fromkeys(EVAL_V2_FIELDS), **r, "answer_accuracy": None,
+                             "answer_exact_match": r["answer_accuracy"], "n_text_positions": r.get("n_tokens")}
+    return rows, "every non-padding position"
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else x
+
+
 def _fmt(x, spec=".3g"):
     return "n/a" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
+
+
+def _flips(r: dict) -> str:
+    return "n/a" if r.get("flips_vs_bf16") is None else f"{r['flips_vs_bf16']}/{r['n_samples']}"
 
 
 def _mb(n):
@@ -36,7 +62,7 @@ def recommendations(rows: dict[str, dict], plans: dict[str, dict], checks: dict[
     ok = [n for n in plans if checks.get(n, {}).get("ok", False)]
 
     def acc_ok(n):
-        a, b = rows[n]["answer_accuracy"], bf16["answer_accuracy"]
+        a, b = _num(rows[n]["answer_accuracy"]), _num(bf16["answer_accuracy"])
         return a != a or b != b or a >= b - ACC_TOLERANCE
 
     safe = [n for n in ok if rows[n]["kl_mean"] <= KL_NEAR_LOSSLESS and acc_ok(n)]
@@ -49,7 +75,7 @@ def recommendations(rows: dict[str, dict], plans: dict[str, dict], checks: dict[
 
 def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict], ev: dict, manifest: dict,
            catalog_path: Path, figures: dict[str, str]) -> tuple[str, dict]:
-    rows = {r["scheme"]: r for r in ev["rows"]}
+    rows, positions = eval_rows(ev)
     bf16 = rows["bf16"]
     rec = recommendations(rows, plans, checks)
     study = sens.get("study")
@@ -70,7 +96,8 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     if rec["serve_default"]:
         r = rows[rec["serve_default"]]
         add(f"- Smallest near-lossless scheme: **{rec['serve_default']}** ({_fmt(plans[rec['serve_default']]['effective_bits'], '.2f')} "
-            f"effective bits, mean KL {_fmt(r['kl_mean'])}, top-1 agreement {_fmt(r['top1_agreement'], '.4f')}).")
+            f"effective bits, mean KL {_fmt(r['kl_mean'])} and top-1 agreement {_fmt(r['top1_agreement'], '.4f')} over "
+            f"{positions}, {_flips(r)} answers changed against BF16).")
     if study:
         add(f"- Blocks in the most sensitive quartile under every scoring config: "
             f"{', '.join(map(str, study['consistently_sensitive_blocks'])) or 'none'}.")
@@ -87,7 +114,9 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     add(f"| AutoQuant | method {sens['method']}, FP8 format {sens['fp8_format']}, granularity {sens['granularity']}, "
         f"settings key `{sens['settings_key']}` |")
     add(f"| evaluation | {ev['data']}: {ev['n_samples']} held-out samples (never used for calibration), "
-        f"{bf16['n_tokens']} token positions |")
+        f"{_fmt(bf16['n_text_positions'], 'd')} positions counted ({positions}), "
+        f"{_fmt(bf16['n_reply_positions'], 'd')} of them in replies, "
+        f"{_fmt(bf16['n_answers'], 'd')} reference answers |")
     add(f"| hardware | {manifest.get('hardware', manifest.get('device', 'cpu'))} |")
     add("| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + " |")
     live_versions = sorted({c["live"].get("vllm_version") for c in checks.values() if c["live"].get("vllm_version")})
@@ -96,18 +125,26 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
 
     add("## Schemes at a glance\n")
     add("| scheme | rule | FP8 blocks | FP8 groups | eff. bits | LM weights MB | mean KL | p99 KL | top-1 agree | "
-        "ppl | answer acc. | vLLM static | vLLM live |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "reply mean KL | reply top-1 | ppl | answer acc. | flips vs BF16 | vLLM static | vLLM live |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     add(f"| bf16 | — | 0/{sens['n_blocks']} | 0/{len(sens['groups'])} | 16.00 | {_mb(bf16['lm_weight_bytes'])} | 0 | 0 | 1 | "
-        f"{_fmt(bf16['ppl'], '.4f')} | {_fmt(bf16['answer_accuracy'], '.3f')} | — | — |")
+        f"0 | 1 | {_fmt(bf16['ppl'], '.4f')} | {_fmt(bf16['answer_accuracy'], '.3f')} | 0 | — | — |")
     for name, p in plans.items():
         r, c = rows[name], checks.get(name)
         cov = p["coverage"]
         add(f"| {name} | {_rule(p)} | {cov['blocks_fp8']}/{cov['blocks_total']} | {cov['groups_fp8']}/{cov['groups_total']} | "
             f"{p['effective_bits']:.2f} | {_mb(r['lm_weight_bytes'])} | {_fmt(r['kl_mean'])} | {_fmt(r['kl_p99'])} | "
-            f"{_fmt(r['top1_agreement'], '.4f')} | {_fmt(r['ppl'], '.4f')} | {_fmt(r['answer_accuracy'], '.3f')} | "
+            f"{_fmt(r['top1_agreement'], '.4f')} | {_fmt(r['kl_reply_mean'])} | {_fmt(r['top1_reply_agreement'], '.4f')} | "
+            f"{_fmt(r['ppl'], '.4f')} | {_fmt(r['answer_accuracy'], '.3f')} | {_flips(r)} | "
             f"{_verdict(c, 'static')} | {_verdict(c, 'live')} |")
     add("")
+    add(f"Mean KL(BF16 ‖ scheme) in nats, p99 KL and top-1 agreement are over {positions}"
+        + (" (the next token is real and not an image placeholder or vision marker; system prompt, user text and "
+           "chat-template tokens count); the reply columns over the positions that predict the assistant's reply. "
+           if positions == "text positions" else " (eval.json v1: rerun `fp8mix eval` for text and reply positions). ")
+        + "Perplexity is over the reply tokens. Answer accuracy compares the greedy reply with the reference answer "
+        "after normalisation (first sentence, case, punctuation, whitespace); flips count the samples whose "
+        "normalised greedy reply differs from the BF16 model's, reference answer or not.\n")
     for key, caption in (("heatmap", "Sensitivity per block and group kind"),
                          ("blocks", "Per-block sensitivity and the chosen sets"),
                          ("pareto", "Quality against effective bits, with the controls")):
@@ -129,9 +166,12 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         add(f"Effective bits {p['effective_bits']:.2f}; predicted loss increase (sum of chosen scores) "
             f"{p['predicted_loss_increase']:.3g}. FP8 blocks: {', '.join(map(str, p['fp8_blocks'])) or 'none'}. "
             f"FP8 groups by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.items()) + ".\n")
-        add(f"Quality vs BF16: mean KL {_fmt(r['kl_mean'])}, p99 KL {_fmt(r['kl_p99'])}, top-1 agreement "
-            f"{_fmt(r['top1_agreement'], '.4f')}, perplexity {_fmt(r['ppl'], '.4f')} (BF16 {_fmt(bf16['ppl'], '.4f')}), "
-            f"answer accuracy {_fmt(r['answer_accuracy'], '.3f')} (BF16 {_fmt(bf16['answer_accuracy'], '.3f')}). "
+        add(f"Quality vs BF16 over {positions}: mean KL {_fmt(r['kl_mean'])}, p99 KL {_fmt(r['kl_p99'])}, top-1 "
+            f"agreement {_fmt(r['top1_agreement'], '.4f')}; over reply positions: mean KL {_fmt(r['kl_reply_mean'])}, "
+            f"p99 KL {_fmt(r['kl_reply_p99'])}, top-1 agreement {_fmt(r['top1_reply_agreement'], '.4f')}. Perplexity "
+            f"{_fmt(r['ppl'], '.4f')} (BF16 {_fmt(bf16['ppl'], '.4f')}), answer accuracy {_fmt(r['answer_accuracy'], '.3f')} "
+            f"(BF16 {_fmt(bf16['answer_accuracy'], '.3f')}; exact match {_fmt(r['answer_exact_match'], '.3f')}), "
+            f"greedy answers changed against BF16: {_flips(r)}. "
             f"LM weights {_mb(r['lm_weight_bytes'])} MB (BF16 {_mb(bf16['lm_weight_bytes'])} MB), checkpoint "
             f"{_mb(r['checkpoint_bytes'])} MB. Files: [plan](plans/{name}.json), [checkpoint](checkpoints/{name}/), "
             f"[check](checks/{name}.json).\n")
@@ -199,7 +239,8 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     if rec["smallest"]:
         r = rows[rec["smallest"]]
         add(f"- **Memory or throughput first:** `{rec['smallest']}` ({plans[rec['smallest']]['effective_bits']:.2f} bits, "
-            f"mean KL {_fmt(r['kl_mean'])}, accuracy {_fmt(r['answer_accuracy'], '.3f')} vs {_fmt(bf16['answer_accuracy'], '.3f')}).")
+            f"mean KL {_fmt(r['kl_mean'])}, accuracy {_fmt(r['answer_accuracy'], '.3f')} vs {_fmt(bf16['answer_accuracy'], '.3f')}, "
+            f"{_flips(r)} answers changed).")
     if rec["closest_to_bf16"]:
         add(f"- **Closest to BF16:** `{rec['closest_to_bf16']}`.")
     budget = [n for n in plans if "effective_bits" in plans[n]["rule"]]
@@ -232,10 +273,13 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     summary = {
         "model": sens["model"], "n_blocks": sens["n_blocks"], "recommendations": rec,
         "consistently_sensitive_blocks": study["consistently_sensitive_blocks"] if study else None,
-        "bf16": {k: bf16[k] for k in ("ppl", "answer_accuracy", "lm_weight_bytes")},
+        "eval_positions": positions,
+        "bf16": {k: bf16[k] for k in ("ppl", "answer_accuracy", "answer_exact_match", "lm_weight_bytes")},
         "schemes": {n: {"effective_bits": plans[n]["effective_bits"], "coverage": plans[n]["coverage"],
-                        **{k: rows[n][k] for k in ("kl_mean", "kl_p99", "top1_agreement", "ppl", "answer_accuracy",
-                                                   "lm_weight_bytes", "checkpoint_bytes")},
+                        **{k: rows[n][k] for k in ("kl_mean", "kl_p99", "top1_agreement", "kl_reply_mean",
+                                                   "kl_reply_p99", "top1_reply_agreement", "ppl", "answer_accuracy",
+                                                   "answer_exact_match", "flips_vs_bf16", "lm_weight_bytes",
+                                                   "checkpoint_bytes")},
                         "vllm_static_ok": checks.get(n, {}).get("static", {}).get("ok"),
                         "vllm_live_ok": checks.get(n, {}).get("live", {}).get("ok")} for n in plans},
     }

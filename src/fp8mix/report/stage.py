@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 from .. import manifest
-from ..pipeline import RunOptions, catalog_of
+from ..context import RunOptions, catalog_of
 from ..rundir import read_json, write_json
 from . import figures
-from .markdown import render
+from .markdown import eval_rows, render
 
 
 def stage_report(opts: RunOptions) -> Path:
@@ -22,11 +22,12 @@ def stage_report(opts: RunOptions) -> Path:
     plans = {n: read_json(run / "plans" / f"{n}.json", "plan", hint="run fp8mix plan first") for n in catalog.schemes}
     checks = {n: read_json(run / "checks" / f"{n}.json", "check") for n in catalog.schemes
               if (run / "checks" / f"{n}.json").is_file()}
-    ev = read_json(run / "eval.json", "eval", hint="run fp8mix eval first")
+    ev = read_json(run / "eval.json", "eval", hint="run fp8mix eval first", versions=(1, 2))
+    _, positions = eval_rows(ev)
     man = manifest.load(run)
     figs = {"heatmap": figures.heatmap(sens, run / "figures" / "heatmap.png"),
             "blocks": figures.block_bars(sens, plans, run / "figures" / "blocks.png"),
-            "pareto": figures.pareto(ev["rows"], sens.get("study"), run / "figures" / "pareto.png")}
+            "pareto": figures.pareto(ev["rows"], sens.get("study"), positions, run / "figures" / "pareto.png")}
     if sens.get("study"):
         figs["stability"] = figures.stability(sens["study"], run / "figures" / "stability.png")
     text, summary = render(run, sens, plans, checks, ev, man, cat_path,
