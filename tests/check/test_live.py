@@ -6,7 +6,7 @@ parity tests), one for the checkpoint with a doubled weight scale, one for the b
 
 import pytest
 
-from .check_helpers import broken_copy, plan_of, with_doubled_weight_scale
+from .check_helpers import PARITY_REPLY_TOKENS, broken_copy, plan_of, with_doubled_weight_scale
 from fp8mix.check import fidelity
 from fp8mix.check.live import serve, vllm_python
 from fp8mix.check.stage import check_folder, served_outputs
@@ -38,7 +38,7 @@ def test_every_scheme_loads_runs_and_matches_bf16_in_vllm(check_run, live_checke
     assert all(probes[f"probe/{i}"]["n_image_tokens"] > 0 for i in range(8))  # the shapes probes carry an image
 
 
-def test_bf16_reference_is_served_once_and_reused(check_run, live_checked, monkeypatch):
+def test_bf16_reference_is_served_once_and_reused(check_run, live_checked, parity_samples, monkeypatch):
     """The BF16 source's outputs are cached in the run, keyed by its fingerprint and the requests: a second check
     with the same requests starts no engine for it; other requests do not reuse it."""
     from fp8mix.models import loading
@@ -50,19 +50,11 @@ def test_bf16_reference_is_served_once_and_reused(check_run, live_checked, monke
         raise AssertionError("vLLM was started again for the BF16 source")
 
     monkeypatch.setattr(fidelity, "serve", no_engine)
-    cached = fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED),
-                                     _parity_requests(check_run))
+    parity = fidelity.sample_requests(parity_samples, max_tokens=PARITY_REPLY_TOKENS)  # as live_checked served
+    cached = fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED), parity)
     assert cached == doc
     with pytest.raises(AssertionError, match="started again"):
         fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED), None)
-
-
-def _parity_requests(check_run):
-    from .check_helpers import PARITY_REPLY_TOKENS
-    from fp8mix.evaluate.stage import eval_samples
-
-    samples = [s for s in eval_samples("embedded", 64) if s.images and s.answer is not None]
-    return fidelity.sample_requests(samples, max_tokens=PARITY_REPLY_TOKENS)
 
 
 def test_doubled_weight_scale_fails_the_live_check(check_run, live_checked, skeleton, tmp_path):
