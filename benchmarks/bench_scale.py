@@ -9,7 +9,7 @@ Run on a machine with 2 or 4 CUDA GPUs, from the repository root::
 ``--tiny`` runs the same code on 2-layer models on the CPU (gloo, every replica on the CPU) as a dry run.
 
 Every run is ``torchrun`` with one model replica per process (``--worker``), over that process's share of the
-visible GPUs (``fp8mix.score.distributed.local_gpus``, as ``fp8mix score --gpus N [--device-map auto]`` splits
+visible GPUs (``fp8mix.distributed.local_gpus``, as ``fp8mix score --gpus N [--device-map auto]`` splits
 them): random BF16 weights built on the meta device, placed as transformers' ``device_map="auto"`` places them
 (accelerate's ``get_balanced_memory`` + ``infer_auto_device_map`` with the model's ``_no_split_modules``),
 materialized with ``to_empty`` on each device and initialized by the model's own ``_init_weights`` (which also
@@ -50,7 +50,7 @@ for p in (REPO / "src", REPO / "benchmarks"):
 from bench_scoring import load_config, make_batches  # noqa: E402
 
 from fp8mix.models import Qwen2_5_VLAdapter, sizing  # noqa: E402
-from fp8mix.score import distributed  # noqa: E402
+from fp8mix import distributed  # noqa: E402
 from fp8mix.score.autoquant import gradient_scores  # noqa: E402
 from fp8mix.quant.numerics import FP8Format  # noqa: E402
 

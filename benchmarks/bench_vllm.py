@@ -181,9 +181,8 @@ def make_plans(work: Path, schemes: list[str]) -> dict:
     base = write_model_dir(work / "models" / "bf16")
     model, adapter = loading.build_empty(base)
     layout = adapter.layout(model)
-    linears = adapter.all_lm_linears(model)
     catalog, _ = load_catalog()
-    sens = synthetic_sensitivity(layout)
+    sens = {**synthetic_sensitivity(layout), "model_layout": adapter.plan_facts(model)}
     (work / "sensitivity_synthetic.json").write_text(json.dumps(sens, indent=1))
     out = {}
     for name in schemes:
@@ -191,7 +190,7 @@ def make_plans(work: Path, schemes: list[str]) -> dict:
             out[name] = {"dir": str(base), "fp8_modules": [], "coverage": None, "effective_bits": 16.0,
                          **weight_bytes(model, adapter, layout, set())}
             continue
-        plan = plan_scheme(name, catalog, sens, layout, adapter, linears)
+        plan = plan_scheme(name, catalog, sens)
         qcfg = quantization_config(plan)
         d = write_model_dir(work / "models" / name, qcfg)
         (d / "fp8mix_plan.json").write_text(json.dumps(plan, indent=1))

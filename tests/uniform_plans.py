@@ -15,9 +15,9 @@ def uniform_plan(model_dir, scheme: str = "fp8_autoquant_full") -> dict:
     net, adapter = loading.build_empty(Path(model_dir) if model_dir is not None else loading.EMBEDDED)
     layout = adapter.layout(net)
     scores = {m: 1.0 for g in layout.groups for m in g.modules}
-    sens = build_document("m", "f", layout, AutoQuantSettings(), scores, 1, 1)
+    sens = build_document("m", "f", layout, AutoQuantSettings(), scores, 1, 1, adapter.plan_facts(net))
     catalog, _ = load_catalog(None)
-    return plan_scheme(scheme, catalog, sens, layout, adapter, adapter.all_lm_linears(net))
+    return plan_scheme(scheme, catalog, sens)
 
 
 def write_uniform_plan(model_dir, path: Path, scheme: str = "fp8_autoquant_full") -> Path:

@@ -30,7 +30,7 @@ def _version(value: bool) -> None:
 def _root(ctx: typer.Context,
           version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
-    from .score import distributed
+    from . import distributed
 
     if distributed.launched() and ctx.invoked_subcommand != "score":
         raise FP8MixError(f"only `fp8mix score` runs under torchrun; run `fp8mix {ctx.invoked_subcommand}` as one "
@@ -75,7 +75,7 @@ DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="auto: sp
 def _options(run, model=None, catalog=None, device="cpu", force=False, calib_samples=None, data=None,
              text_only=False, method=None, seed=None, batch_size=None, device_map=None, max_length=None,
              max_pixels=None):
-    from .pipeline import RunOptions
+    from .context import RunOptions
 
     overrides = {"calib_samples": calib_samples, "data": data, "method": method, "seed": seed,
                  "batch_size": batch_size, "with_images": False if text_only else None, "max_length": max_length,
@@ -103,8 +103,9 @@ def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: 
     """Score every LM linear group's FP8 sensitivity (AutoQuant) once per distinct catalog setting.
 
     Data parallel: `fp8mix score --gpus N …`, or `torchrun --nproc-per-node N -m fp8mix score …` (CPU: gloo)."""
-    from .pipeline import set_threads, stage_score, stage_study
-    from .score import distributed
+    from .context import set_threads
+    from .score.stage import stage_score, stage_study
+    from . import distributed
 
     if gpus is not None and not distributed.launched():
         raise typer.Exit(_launch_torchrun(gpus))
@@ -158,7 +159,8 @@ def plan(run: Run, catalog: CatalogOpt = None, calib_samples: CalibSamples = Non
          text_only: TextOnly = False, method: Method = None, seed: Seed = None,
          batch_size: BatchSize = None) -> None:
     """Decide FP8 or BF16 for every fused group, for every scheme of the catalog."""
-    from .pipeline import require_run, stage_plan
+    from .context import require_run
+    from .plan.stage import stage_plan
 
     require_run(run)
     plans = stage_plan(_options(run, None, catalog, "cpu", False, calib_samples, data, text_only, method, seed,
@@ -183,7 +185,7 @@ def export(run: Run, scheme: Annotated[Optional[str], typer.Option("--scheme", h
     """Write one vLLM-loadable checkpoint per plan to checkpoints/<scheme>/ (streamed from the source files; the
     model is loaded only to calibrate fp8_static input scales, on --device / --device-map)."""
     from .export.stage import stage_export
-    from .pipeline import require_run
+    from .context import require_run
 
     require_run(run)
     if fmt not in ("compressed-tensors", "modelopt"):
@@ -198,7 +200,7 @@ def check(run: Run, live: Annotated[bool, typer.Option("--live/--no-live", help=
           = True, device: Device = "cpu") -> None:
     """Check every checkpoint against vLLM's loading rules, then in vLLM itself; non-zero exit on a failure."""
     from .check.stage import stage_check
-    from .pipeline import require_run
+    from .context import require_run
 
     require_run(run)
     results = stage_check(_options(run, device=device), live=live)
@@ -223,7 +225,7 @@ def eval_(run: Run, eval_samples: Annotated[int, typer.Option("--eval-samples", 
           max_length: MaxLength = None, max_pixels: MaxPixels = None) -> None:
     """Evaluate BF16 and every exported scheme on the held-out set: KL, top-1 agreement, perplexity, accuracy."""
     from .evaluate.stage import stage_eval
-    from .pipeline import require_run, set_threads
+    from .context import require_run, set_threads
 
     require_run(run)
     set_threads(threads)
@@ -242,7 +244,7 @@ def eval_(run: Run, eval_samples: Annotated[int, typer.Option("--eval-samples", 
 @app.command()
 def report(run: Run) -> None:
     """Write report.md, figures/*.png and summary.json from the run's files."""
-    from .pipeline import require_run
+    from .context import require_run
     from .report.stage import stage_report
 
     require_run(run)
@@ -291,7 +293,8 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
                                                                                "control")] = 32,
         device_map: DeviceMap = None, max_length: MaxLength = None, max_pixels: MaxPixels = None) -> None:
     """Every stage in order: score, plan, export, check, eval, report."""
-    from .pipeline import run_all, set_threads
+    from .context import set_threads
+    from .pipeline import run_all
 
     set_threads(threads)
     opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size,

@@ -5,7 +5,9 @@ import pytest
 def check_run(tmp_path_factory):
     """A run with every catalog scheme planned and exported (2 calibration samples: enough to rank blocks)."""
     from fp8mix.export.stage import stage_export
-    from fp8mix.pipeline import RunOptions, stage_plan, stage_score
+    from fp8mix.context import RunOptions
+    from fp8mix.plan.stage import stage_plan
+    from fp8mix.score.stage import stage_score
 
     opts = RunOptions(run=tmp_path_factory.mktemp("checkrun"), score_overrides={"calib_samples": 2, "batch_size": 2})
     stage_score(opts)

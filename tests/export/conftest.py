@@ -10,7 +10,9 @@ torch.set_num_threads(2)
 def export_run(tmp_path_factory):
     """A run directory with sensitivity scores (2 calibration samples: enough to rank blocks) and the catalog's
     plans."""
-    from fp8mix.pipeline import RunOptions, stage_plan, stage_score
+    from fp8mix.context import RunOptions
+    from fp8mix.plan.stage import stage_plan
+    from fp8mix.score.stage import stage_score
 
     opts = RunOptions(run=tmp_path_factory.mktemp("run"), score_overrides={"calib_samples": 2, "batch_size": 2})
     stage_score(opts)

@@ -16,7 +16,8 @@ def skeleton():
     return net, adapter, adapter.layout(net)
 
 
-def _sens(layout, block_scores, spread=None):
+def _sens(skeleton, block_scores, spread=None):
+    net, adapter, layout = skeleton
     rng = random.Random(1)
     groups = []
     for g in layout.groups:
@@ -25,7 +26,7 @@ def _sens(layout, block_scores, spread=None):
                        "params": g.params, "score": s})
     totals = {b: sum(x["score"] for x in groups if x["block"] == b) for b in range(layout.n_blocks)}
     order = sorted(totals, key=lambda b: (totals[b], b))
-    return {"settings_key": "k", "groups": groups,
+    return {"settings_key": "k", "groups": groups, "n_blocks": layout.n_blocks, "model_layout": adapter.plan_facts(net),
             "blocks": [{"block": b, "score": totals[b], "rank": order.index(b)} for b in totals]}
 
 
@@ -37,18 +38,18 @@ def test_fraction_rounds_half_up(n, fractions, want):
 
 def test_fraction_rule_takes_least_sensitive_whole_blocks(skeleton):
     _, _, layout = skeleton
-    sens = _sens(layout, [9, 1, 5, 0.5, 3, 4, 8, 2])
-    chosen = choose_groups(Rule(blocks_fraction=0.25), sens, layout)
+    sens = _sens(skeleton, [9, 1, 5, 0.5, 3, 4, 8, 2])
+    chosen = choose_groups(Rule(blocks_fraction=0.25), sens)
     assert {layout.group(n).block for n in chosen} == {3, 1}
     assert len(chosen) == 8  # whole blocks: 2 x 4 groups
 
 
 def test_fraction_ties_broken_by_block_index(skeleton):
     _, _, layout = skeleton
-    sens = _sens(layout, [1.0] * 8)
+    sens = _sens(skeleton, [1.0] * 8)
     for b in sens["blocks"]:
         b["rank"] = b["block"]
-    chosen = choose_groups(Rule(blocks_fraction=0.5), sens, layout)
+    chosen = choose_groups(Rule(blocks_fraction=0.5), sens)
     assert {layout.group(n).block for n in chosen} == {0, 1, 2, 3}
 
 
@@ -71,10 +72,10 @@ def test_solver_is_exact_against_brute_force():
 def test_plans_never_split_fused_groups_and_ignore_is_vllm_safe(skeleton):
     net, adapter, layout = skeleton
     catalog, _ = load_catalog()
-    sens = _sens(layout, [9, 1, 5, 0.5, 3, 4, 8, 2], {"qkv": 0.4, "o": 0.1, "gate_up": 0.3, "down": 0.2})
+    sens = _sens(skeleton, [9, 1, 5, 0.5, 3, 4, 8, 2], {"qkv": 0.4, "o": 0.1, "gate_up": 0.3, "down": 0.2})
     linears = adapter.all_lm_linears(net)
     for name, scheme in catalog.schemes.items():
-        plan = plan_scheme(name, catalog, sens, layout, adapter, linears)
+        plan = plan_scheme(name, catalog, sens)
         fp8 = set(plan["fp8_modules"])
         for g in layout.groups:
             assert set(g.modules) <= fp8 or not set(g.modules) & fp8, g.name
@@ -88,10 +89,10 @@ def test_plans_never_split_fused_groups_and_ignore_is_vllm_safe(skeleton):
         assert sorted(memory) == sorted(plan["bf16_modules"]) and len(disk) + len(memory) == len(explicit)
         if scheme.rule.effective_bits is not None:
             assert plan["effective_bits"] <= scheme.rule.effective_bits + 1e-9
-    full = plan_scheme("fp8_autoquant_full", catalog, sens, layout, adapter, linears)
+    full = plan_scheme("fp8_autoquant_full", catalog, sens)
     assert full["effective_bits"] == 8.0 and full["coverage"]["blocks_fp8"] == 8
-    bits12 = plan_scheme("fp8_autoquant_bits12", catalog, sens, layout, adapter, linears)
-    top50 = plan_scheme("fp8_autoquant_top50", catalog, sens, layout, adapter, linears)
+    bits12 = plan_scheme("fp8_autoquant_bits12", catalog, sens)
+    top50 = plan_scheme("fp8_autoquant_top50", catalog, sens)
     # group granularity can only do as well as, or better than, whole blocks at the same budget
     assert bits12["predicted_loss_increase"] <= top50["predicted_loss_increase"] + 1e-12
 
@@ -124,3 +125,11 @@ def test_scheme_settings_merge_defaults_scheme_and_caller(tmp_path):
     assert b.fp8_format.value == "fp8_static"
     assert a.key("m") != b.key("m") and cat.settings("a", seed=3).key("m") != a.key("m")
     assert cat.settings("a").key("m") == cat.settings("a").key("m")
+
+
+def test_plan_needs_the_model_facts_of_the_scores_file(skeleton):
+    catalog, _ = load_catalog()
+    sens = _sens(skeleton, [1.0] * 8)
+    del sens["model_layout"]
+    with pytest.raises(FP8MixError, match="rerun fp8mix score"):
+        plan_scheme("fp8_autoquant_full", catalog, sens)

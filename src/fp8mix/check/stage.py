@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import manifest
 from ..errors import FP8MixError
-from ..pipeline import RunOptions, catalog_of, progress, _model_arg
+from ..context import RunOptions, catalog_of, progress, model_arg
 from ..rundir import read_json, write_json
 from .fidelity import bf16_reference, compare, probe_requests
 from .live import CPU_FORMATS, RequestSet, serve
@@ -79,7 +79,7 @@ def stage_check(opts: RunOptions, live: bool = True, extra: RequestSet | None = 
 
     t0 = time.time()
     catalog, _ = catalog_of(opts)
-    _, path = loading.resolve(_model_arg(opts))
+    _, path = loading.resolve(model_arg(opts))
     net, adapter = loading.build_empty(path)
     layout = adapter.layout(net)
     cache: dict = {}

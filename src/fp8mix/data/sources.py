@@ -188,3 +188,11 @@ def assert_disjoint(calib: list[ChatSample], evaluation: list[ChatSample]) -> No
     if shared:
         raise FP8MixError(f"{len(shared)} sample(s) appear in both the calibration and the evaluation set; "
                           "pass a different --eval-data")
+
+
+EVAL_SEED = 0
+
+
+def held_out(source: str, n: int) -> list[ChatSample]:
+    """The held-out evaluation samples of a source (eval, the study's control, served checks): never calibrated on."""
+    return load(source, "eval", n, EVAL_SEED)

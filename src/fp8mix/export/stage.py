@@ -15,7 +15,7 @@ import torch
 
 from .. import manifest
 from ..errors import FP8MixError
-from ..pipeline import RunOptions, _model_arg, catalog_of, console, progress, require_run
+from ..context import RunOptions, catalog_of, console, model_arg, overrides, progress, require_run
 from ..rundir import read_json
 from ..quant.numerics import FP8Format
 from ..quant.scales import calibrate_input_scales
@@ -48,19 +48,11 @@ def _plans(run: Path, scheme: str | None) -> dict[str, dict]:
     return plans
 
 
-def _overrides(opts: RunOptions) -> dict:
-    """Scoring overrides recorded in run.json, updated with those passed now (pipeline.overrides)."""
-    from .. import pipeline
-
-    fn = getattr(pipeline, "overrides", None)
-    return fn(opts) if fn is not None else dict(opts.score_overrides)
-
-
 def _calibration(opts: RunOptions, catalog, name: str):
     """The AutoQuant calibration settings of a scheme: fp8_static input scales are calibrated on the same data."""
     from ..score.settings import AutoQuantSettings
 
-    over = _overrides(opts)
+    over = overrides(opts)
     if name in catalog.schemes:
         return catalog.settings(name, **over)
     return AutoQuantSettings(**over)
@@ -83,8 +75,8 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
             console.print(f"export {n}: skipped, fp8_block has no ModelOpt format (export it as compressed-tensors)")
             plans.pop(n)
     catalog, _ = catalog_of(opts)
-    model_arg = _model_arg(opts)
-    model_id, path = loading.resolve(model_arg)
+    arg = model_arg(opts)
+    model_id, path = loading.resolve(arg)
     fingerprint = manifest.load(opts.run).get("model", {}).get("fingerprint") or loading.fingerprint(path)
 
     todo, out, record = {}, {}, {}

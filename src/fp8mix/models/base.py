@@ -161,6 +161,14 @@ class FamilyAdapter:
     def all_linears(self, model: nn.Module) -> list[str]:
         return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
+    def plan_facts(self, model: nn.Module) -> dict:
+        """What a plan needs from the model besides the scores, recorded beside them so that planning reads run
+        files only: every LM linear, its on-disk name, and the ignore entries that keep the vision tower and
+        lm_head BF16 in vLLM."""
+        linears = self.all_lm_linears(model)
+        return {"lm_linears": linears, "disk_names": {m: self.to_disk(m) for m in linears},
+                "always_ignore": [self.vision_ignore, self.lm_head_path]}
+
     def all_lm_linears(self, model: nn.Module) -> list[str]:
         """Every nn.Linear inside the decoder blocks, whether or not it is in a group."""
         blocks = model.get_submodule(self.blocks_path)

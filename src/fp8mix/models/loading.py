@@ -145,7 +145,7 @@ def _placement(device: str, device_map: str | None) -> dict:
         raise FP8MixError(f"unknown --device-map {device_map!r}; the one supported value is auto")
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         raise FP8MixError("--device-map auto spreads the model over CUDA GPUs: pass --device cuda on a GPU machine")
-    from ..score.distributed import local_gpus
+    from ..distributed import local_gpus
 
     gpus = local_gpus()
     return {"device_map": "auto",

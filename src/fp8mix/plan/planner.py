@@ -1,9 +1,13 @@
-"""Plans: the FP8/BF16 decision for every fused linear group, for one catalog scheme."""
+"""Plans: the FP8/BF16 decision for every fused linear group, for one catalog scheme.
+
+A plan is a pure function of the scores file (sensitivity.json or scores/<key>.json) and the catalog: the scores
+file carries the groups (blocks, kinds, modules, parameters, scores) and the model facts a plan needs
+(`model_layout`: every LM linear, its on-disk name, the ignore entries that always stay), so planning never loads
+or builds the model."""
 
 from __future__ import annotations
 
 from ..errors import FP8MixError
-from ..models import FamilyAdapter, ModelLayout
 from .catalog import Catalog
 from .solver import solve_budget
 
@@ -13,46 +17,48 @@ def blocks_for_fraction(fraction: float, n_blocks: int) -> int:
     return max(1, min(n_blocks, int(fraction * n_blocks + 0.5)))
 
 
-def _check_matches(sens: dict, layout: ModelLayout) -> dict[str, dict]:
-    by_name = {g["name"]: g for g in sens["groups"]}
-    expected = {g.name for g in layout.groups}
-    if set(by_name) != expected:
-        raise FP8MixError("sensitivity.json does not match this model's linear groups; rerun fp8mix score")
-    return by_name
+def model_layout(sens: dict) -> dict:
+    """The scores file's model facts, checked against its groups."""
+    facts = sens.get("model_layout")
+    if not facts:
+        raise FP8MixError("the scores file has no model_layout (written by an older fp8mix); rerun fp8mix score --force")
+    linears = set(facts["lm_linears"])
+    if any(m not in linears for g in sens["groups"] for m in g["modules"]):
+        raise FP8MixError("the scores file's groups name linears its model_layout does not have; rerun fp8mix score")
+    return facts
 
 
-def choose_groups(rule, sens: dict, layout: ModelLayout) -> set[str]:
-    by_name = _check_matches(sens, layout)
+def choose_groups(rule, sens: dict) -> set[str]:
+    groups, n_blocks = sens["groups"], sens["n_blocks"]
     if rule.blocks_fraction is not None:
-        k = blocks_for_fraction(rule.blocks_fraction, layout.n_blocks)
+        k = blocks_for_fraction(rule.blocks_fraction, n_blocks)
         chosen = {b["block"] for b in sens["blocks"] if b["rank"] < k}
-        return {g.name for g in layout.groups if g.block in chosen}
+        return {g["name"] for g in groups if g["block"] in chosen}
     if rule.granularity == "group":
-        items = list(layout.groups)
-        pick = solve_budget([by_name[g.name]["score"] for g in items], [g.params for g in items], rule.effective_bits)
-        return {g.name for g, on in zip(items, pick) if on}
-    blocks = list(range(layout.n_blocks))
-    scores = [sum(by_name[g.name]["score"] for g in layout.groups_of_block(b)) for b in blocks]
-    params = [sum(g.params for g in layout.groups_of_block(b)) for b in blocks]
+        pick = solve_budget([g["score"] for g in groups], [g["params"] for g in groups], rule.effective_bits)
+        return {g["name"] for g, on in zip(groups, pick) if on}
+    blocks = list(range(n_blocks))
+    scores = [sum(g["score"] for g in groups if g["block"] == b) for b in blocks]
+    params = [sum(g["params"] for g in groups if g["block"] == b) for b in blocks]
     pick = solve_budget(scores, params, rule.effective_bits)
-    return {g.name for g in layout.groups if pick[g.block]}
+    return {g["name"] for g in groups if pick[g["block"]]}
 
 
-def plan_scheme(name: str, catalog: Catalog, sens: dict, layout: ModelLayout, adapter: FamilyAdapter,
-                all_linears: list[str]) -> dict:
+def plan_scheme(name: str, catalog: Catalog, sens: dict) -> dict:
     scheme = catalog.schemes[name]
-    by_name = _check_matches(sens, layout)
-    fp8_groups = choose_groups(scheme.rule, sens, layout)
-    fp8_modules = sorted(m for g in layout.groups if g.name in fp8_groups for m in g.modules)
+    facts = model_layout(sens)
+    groups, n_blocks, all_linears = sens["groups"], sens["n_blocks"], facts["lm_linears"]
+    fp8_groups = choose_groups(scheme.rule, sens)
+    fp8_modules = sorted(m for g in groups if g["name"] in fp8_groups for m in g["modules"])
     bf16_modules = sorted(set(all_linears) - set(fp8_modules))
-    fp8_params = sum(g.params for g in layout.groups if g.name in fp8_groups)
-    total = layout.lm_linear_params
-    blocks_fp8 = sorted(b for b in range(layout.n_blocks)
-                        if all(g.name in fp8_groups for g in layout.groups_of_block(b)))
+    fp8_params = sum(g["params"] for g in groups if g["name"] in fp8_groups)
+    total = sum(g["params"] for g in groups)
+    blocks_fp8 = sorted(b for b in range(n_blocks)
+                        if all(g["name"] in fp8_groups for g in groups if g["block"] == b))
     # Each BF16 linear by its on-disk name (what vLLM maps) and its in-memory name (what transformers matches
     # when it reloads the checkpoint without dequantizing); the vision tower by a regex that matches in every naming.
-    ignore = sorted({adapter.to_disk(m) for m in bf16_modules} | set(bf16_modules)) + [adapter.vision_ignore,
-                                                                                       adapter.lm_head_path]
+    ignore = sorted({facts["disk_names"][m] for m in bf16_modules} | set(bf16_modules)) + list(facts["always_ignore"])
+    by_name = {g["name"]: g for g in groups}
     return {
         "scheme": name,
         "catalog_version": catalog.version,
@@ -67,9 +73,9 @@ def plan_scheme(name: str, catalog: Catalog, sens: dict, layout: ModelLayout, ad
         "ignore": ignore,
         "coverage": {
             "blocks_fp8": len(blocks_fp8),
-            "blocks_total": layout.n_blocks,
+            "blocks_total": n_blocks,
             "groups_fp8": len(fp8_groups),
-            "groups_total": len(layout.groups),
+            "groups_total": len(groups),
             "linears_fp8": len(fp8_modules),
             "linears_total": len(all_linears),
             "lm_params_fp8_fraction": fp8_params / total,

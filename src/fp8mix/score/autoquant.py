@@ -29,7 +29,7 @@ from ..models import LinearGroup
 from ..progress import Progress, no_progress
 from ..quant.numerics import FP8Format
 from ..quant.weights import QuantizedWeights
-from . import distributed
+from .. import distributed
 
 # fp8_static input scales are the max over every rank's calibration tokens
 _max_across_ranks = partial(distributed.all_reduce, op="max")

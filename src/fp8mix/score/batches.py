@@ -7,7 +7,7 @@ import torch
 from ..data import sources
 from ..data.samples import ChatSample, encode, fit_samples
 from ..errors import FP8MixError
-from . import distributed
+from .. import distributed
 from .settings import AutoQuantSettings
 
 

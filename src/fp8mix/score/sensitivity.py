@@ -8,7 +8,7 @@ import torch
 
 from ..models import ModelLayout
 from ..models.loading import LoadedModel
-from . import distributed
+from .. import distributed
 from ..progress import Progress, no_progress
 from .autoquant import gradient_scores, kl_scores
 from ..errors import FP8MixError
@@ -19,7 +19,7 @@ GRANULARITY = "group"
 
 
 def build_document(model_id: str, fingerprint: str, layout: ModelLayout, settings: AutoQuantSettings,
-                   module_scores: dict[str, float], n_samples: int, n_tokens: int) -> dict:
+                   module_scores: dict[str, float], n_samples: int, n_tokens: int, plan_facts: dict) -> dict:
     groups = []
     for g in layout.groups:
         score = sum(module_scores[m] for m in g.modules)
@@ -42,6 +42,7 @@ def build_document(model_id: str, fingerprint: str, layout: ModelLayout, setting
                         "loss": "mean next-token cross-entropy over the assistant reply tokens of each batch"},
         "fp8_format": settings.fp8_format.value,
         "n_blocks": layout.n_blocks,
+        "model_layout": plan_facts,
         "groups": groups,
         "blocks": blocks,
     }
@@ -63,7 +64,7 @@ def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress =
               torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches), dtype=torch.float64)]
     n_tokens, n_supervised = (int(x) for x in distributed.all_reduce(counts))
     doc = build_document(loaded.model_id, loaded.fingerprint, loaded.layout, settings, module_scores,
-                         n_samples, n_tokens)
+                         n_samples, n_tokens, loaded.adapter.plan_facts(loaded.model))
     doc["calibration"].update(n_supervised_tokens=n_supervised, n_dropped_too_long=dropped,
                               max_pixels=settings.max_pixels)
     return doc

@@ -1,4 +1,5 @@
-"""Data-parallel scoring on torch.distributed (launched by ``torchrun`` or ``fp8mix score --gpus N``).
+"""Processes and devices: data-parallel ranks on torch.distributed (launched by ``torchrun`` or ``fp8mix score
+--gpus N``) and the GPUs each process uses. A neutral module: scoring, model loading and the CLI all use it.
 
 Every rank builds the same calibration batches and scores whole batches: batch i runs on rank i mod world size.
 The AutoQuant scores are sums over batches of per-batch terms that depend only on the batch (the loss is the mean
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import FP8MixError
+from .errors import FP8MixError
 
 
 def active() -> bool:
