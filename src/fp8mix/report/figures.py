@@ -10,7 +10,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..models import GROUP_KINDS  # noqa: E402
 
 DPI = 120
 
@@ -23,15 +22,22 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def group_kinds(sens: dict) -> list[str]:
+    """The fused-group kinds of the scored model, in the order its groups list them (the report reads run files
+    only, never the model family's code)."""
+    return list(dict.fromkeys(g["kind"] for g in sens["groups"]))
+
+
 def heatmap(sens: dict, path: Path) -> Path:
     n = sens["n_blocks"]
-    grid = np.zeros((len(GROUP_KINDS), n))
+    kinds = group_kinds(sens)
+    grid = np.zeros((len(kinds), n))
     for g in sens["groups"]:
-        grid[GROUP_KINDS.index(g["kind"]), g["block"]] = g["score"]
+        grid[kinds.index(g["kind"]), g["block"]] = g["score"]
     floor = grid[grid > 0].min() if (grid > 0).any() else 1e-30
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * n + 2), 2.8))
     im = ax.imshow(np.log10(np.maximum(grid, floor)), aspect="auto", cmap="magma_r")
-    ax.set_yticks(range(len(GROUP_KINDS)), GROUP_KINDS)
+    ax.set_yticks(range(len(kinds)), kinds)
     ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=7 if n > 20 else 9)
     ax.set_xlabel("LM block")
     ax.set_title(f"AutoQuant sensitivity, log10 (group score), {sens['method']}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..models import GROUP_KINDS
+from .figures import group_kinds
 from ..rundir import schema_version
 
 # Thresholds for the recommendations: FP8 W8A8 is expected to sit near llama.cpp's Q8_0 regime
@@ -162,7 +162,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         add(f"| linears | {cov['linears_fp8']} | {cov['linears_total'] - cov['linears_fp8']} | {cov['linears_total']} |")
         frac = cov["lm_params_fp8_fraction"]
         add(f"| LM linear parameters | {frac:.1%} | {1 - frac:.1%} | 100 % |\n")
-        kinds = {k: sum(1 for g in p['fp8_groups'] if g.endswith('.' + k)) for k in GROUP_KINDS}
+        kinds = {k: sum(1 for g in p['fp8_groups'] if g.endswith('.' + k)) for k in group_kinds(sens)}
         add(f"Effective bits {p['effective_bits']:.2f}; predicted loss increase (sum of chosen scores) "
             f"{p['predicted_loss_increase']:.3g}. FP8 blocks: {', '.join(map(str, p['fp8_blocks'])) or 'none'}. "
             f"FP8 groups by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.items()) + ".\n")
@@ -202,7 +202,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         pat = study["patterns"]
         add("Per-kind pattern (base config): share of the total score and mean score per parameter:\n")
         add("| kind | share of score | score per parameter |\n|---|---|---|")
-        for k in GROUP_KINDS:
+        for k in group_kinds(sens):
             add(f"| {k} | {pat['kind_share'][k]:.1%} | {pat['kind_score_per_param'][k]:.3g} |")
         add("")
         add("Depth pattern: " + ", ".join(f"{part} blocks {pat['depth_blocks'][part][0]}–{pat['depth_blocks'][part][-1]} "
