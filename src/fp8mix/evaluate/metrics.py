@@ -37,7 +37,9 @@ from .accuracy import accuracy_of, flips, greedy_replies
 # Config attributes naming the vision placeholder tokens (Qwen2-VL / Qwen2.5-VL naming); absent ones are skipped.
 PLACEHOLDER_CONFIG_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 REFERENCE = "bf16"
-REFERENCE_BUDGET = 4 << 30  # bytes of BF16 reference logits held at once (at least one batch's)
+# Bytes of BF16 reference logits held at once (at least one batch's). Each chunk costs one swap per scheme (about
+# 1 s at 3B on an H200, BENCHMARKS.md); at 3B a batch of 8 samples of ~1.3 k tokens holds 2.7 GB, so 3 a chunk.
+REFERENCE_BUDGET = 8 << 30
 SLICE = 1024                # positions whose log-probabilities are compared at once
 
 
@@ -98,6 +100,15 @@ class Tally:
             kl = F.kl_div(lp, ref_lp, reduction="none", log_target=True).sum(-1)
             self.kl.append(kl.double().clamp_min(0).cpu())
             self.agree.append((lp.argmax(-1) == ref_lp.argmax(-1)).cpu())
+        self._count(got)
+
+    def add_reference(self, ref: Outputs) -> None:
+        """The reference against itself: KL exactly 0 and full agreement, over the same positions."""
+        self.kl.append(torch.zeros(ref.logits.shape[0], dtype=torch.float64))
+        self.agree.append(torch.ones(ref.logits.shape[0], dtype=torch.bool))
+        self._count(ref)
+
+    def _count(self, got: Outputs) -> None:
         self.reply.append(got.reply.cpu())
         self.nll += got.nll
         self.n_labelled += got.n_labelled
@@ -130,33 +141,41 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
     Batches are made as they are reached, and the BF16 reference logits are kept on the CPU for one chunk of
     batches at a time: a chunk grows until the next batch's reference would take it past `reference_budget` bytes
     (a chunk holds at least one batch), then every scheme is swapped in once and compared on the chunk. So at most
-    the budget plus one batch is held, however large the evaluation set. `progress(items, description)` wraps the
-    loop over the batches."""
+    the budget (or one batch's reference, if larger) is held, however large the evaluation set. `progress(items, description)` counts
+    the steps (a batch through one model)."""
     placeholders = placeholder_ids(model.config)
     tallies = {name: Tally() for name in (REFERENCE, *schemes)}
     chunk: list[tuple[dict, list[ChatSample], Outputs]] = []
+    # one step per batch and model, in whatever order the chunks take; next(steps) as each step starts
+    steps = iter(progress(range(len(batch_samples) * (1 + len(schemes))),
+                          f"evaluating BF16 and {len(schemes)} scheme(s)"))
 
     def compare_chunk() -> None:
         for name, applied in schemes.items():
             with applied():
                 for batch, samples, ref in chunk:
+                    next(steps)
                     tallies[name].add(ref, outputs(model, batch, placeholders))
                     tallies[name].replies += greedy_replies(model, processor, samples)
         chunk.clear()
 
+    head = model.get_output_embeddings().weight  # the logits' width and dtype
     held = 0
-    for samples in progress(batch_samples, f"evaluating BF16 and {len(schemes)} scheme(s)"):
+    for samples in batch_samples:
+        next(steps)
         batch = make_batch(samples)
-        ref = outputs(model, batch, placeholders, keep_on="cpu")
-        size = ref.logits.numel() * ref.logits.element_size()
-        if chunk and held + size > reference_budget:
+        size = int(counted_positions(batch, placeholders)[0].sum()) * head.shape[0] * head.element_size()
+        if chunk and held + size > reference_budget:  # before this batch's reference exists
             compare_chunk()
             held = 0
-        tallies[REFERENCE].add(ref, ref)  # against itself: KL exactly 0 and full agreement, same positions
+        ref = outputs(model, batch, placeholders, keep_on="cpu")
+        tallies[REFERENCE].add_reference(ref)
         tallies[REFERENCE].replies += greedy_replies(model, processor, samples)
         chunk.append((batch, samples, ref))
         held += size
     if chunk:
         compare_chunk()
+    for _ in steps:  # ends the progress display
+        pass
     samples = [s for group in batch_samples for s in group]
     return {name: t.row(samples, tallies[REFERENCE].replies) for name, t in tallies.items()}
