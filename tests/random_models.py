@@ -25,7 +25,7 @@ def add_embedded_processor(folder: Path) -> None:
     carries along: AUX_FILES) into a folder of random weights, so that it exports and loads like a real one."""
     import shutil
 
-    from fp8mix.export.compressed_tensors import AUX_FILES
+    from fp8mix.export.folder import AUX_FILES
     from fp8mix.models.loading import EMBEDDED
 
     for pattern in AUX_FILES:

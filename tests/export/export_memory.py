@@ -46,12 +46,12 @@ def main(model: str, plan_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     from fp8mix.export import export_checkpoint
-    from fp8mix.export.compressed_tensors import _source_files, source_of
+    from fp8mix.export.source import source_files, source_of
     from fp8mix.models import loading
 
     arg = None if model == "embedded" else model
     plan = json.loads(Path(plan_file).read_text())
-    shards = _source_files(source_of(arg).path)
+    shards = source_files(source_of(arg).path)
     export_checkpoint(arg, plan, Path(out + ".warmup"))
     before = _status("VmRSS")
     try:

@@ -154,7 +154,7 @@ def test_config_ignore_is_the_plans(ct_top50, top50_plan):
 
 
 def test_side_files_and_marker(ct_top50, top50_plan):
-    from fp8mix.export.compressed_tensors import plan_sha256, read_marker
+    from fp8mix.export.marker import plan_sha256, read_marker
 
     for name in ("preprocessor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json"):

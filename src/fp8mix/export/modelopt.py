@@ -1,8 +1,9 @@
 """Write a plan as a ModelOpt-format checkpoint (what NVIDIA ModelOpt's ``export_hf_checkpoint`` writes), which
 vLLM loads with ``quantization="modelopt"`` (ModelOptFp8Config).
 
-Same tensors as the compressed-tensors writer (the same ``quantize_weight`` numbers, BF16 tensors copied bit for
-bit), stored the way ModelOpt 0.47 stores them (checked against a real export of the embedded model):
+Same tensors as the compressed-tensors writer, from the same pieces (``source``, ``prepare``, ``tensors``,
+``folder``, ``marker``: the same ``quantize_weight`` numbers, BF16 tensors copied bit for bit), stored the way
+ModelOpt 0.47 stores them (checked against a real export of the embedded model):
 
 * ``FP8_PER_CHANNEL_PER_TOKEN`` (fp8mix ``fp8_dynamic``): ``weight`` fp8 and ``weight_scale`` float32 [out];
   no ``input_scale`` (activations get a scale per token at run time).
@@ -35,18 +36,11 @@ import torch
 from .. import __version__
 from ..errors import FP8MixError
 from ..quant.numerics import FP8Format
-from .compressed_tensors import (
-    Source,
-    check_ignore,
-    plan_format,
-    quantize_plan,
-    source_of,
-    staged_dir,
-    write_config,
-    write_marker,
-    write_side_files,
-    write_tensors,
-)
+from .folder import check_ignore, staged_dir, write_config, write_side_files
+from .marker import write_marker
+from .prepare import plan_format, quantize_plan
+from .source import Source, source_of
+from .tensors import write_tensors
 
 __all__ = ["FORMAT", "QUANT_ALGOS", "exclude_modules", "export_modelopt", "modelopt_configs"]
 

@@ -19,15 +19,11 @@ from ..context import RunOptions, catalog_of, console, model_arg, overrides, pro
 from ..rundir import read_json
 from ..quant.numerics import FP8Format
 from ..quant.scales import calibrate_input_scales
-from .compressed_tensors import (
-    EXPORT_VERSION,
-    export_checkpoint,
-    export_key,
-    plan_format,
-    read_marker,
-    source_of,
-)
+from .compressed_tensors import export_checkpoint
+from .marker import EXPORT_VERSION, export_key, read_marker
 from .modelopt import export_modelopt, quant_algo
+from .prepare import plan_format
+from .source import source_of
 
 FORMATS = {"compressed-tensors": ("", export_checkpoint), "modelopt": ("-modelopt", export_modelopt)}
 
