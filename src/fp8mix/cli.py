@@ -231,12 +231,14 @@ def eval_(run: Run, eval_samples: Annotated[int, typer.Option("--eval-samples", 
     set_threads(threads)
     doc = stage_eval(_options(run, device=device, device_map=device_map, max_length=max_length,
                               max_pixels=max_pixels), eval_samples)
-    table = Table(title=f"quality vs BF16 ({doc['n_samples']} held-out samples)")
-    for col in ("scheme", "eff. bits", "mean KL", "p99 KL", "top-1", "ppl", "accuracy", "LM MB"):
+    table = Table(title=f"quality vs BF16 ({doc['n_samples']} held-out samples; KL and top-1 over text positions)")
+    for col in ("scheme", "eff. bits", "mean KL", "p99 KL", "top-1", "reply KL", "reply top-1", "ppl", "accuracy",
+                "flips", "LM MB"):
         table.add_column(col)
     for r in doc["rows"]:
         table.add_row(r["scheme"], f"{r['effective_bits']:.2f}", f"{r['kl_mean']:.3g}", f"{r['kl_p99']:.3g}",
-                      f"{r['top1_agreement']:.4f}", f"{r['ppl']:.4f}", f"{r['answer_accuracy']:.3f}",
+                      f"{r['top1_agreement']:.4f}", f"{r['kl_reply_mean']:.3g}", f"{r['top1_reply_agreement']:.4f}",
+                      f"{r['ppl']:.4f}", f"{r['answer_accuracy']:.3f}", f"{r['flips_vs_bf16']}/{r['n_samples']}",
                       f"{r['lm_weight_bytes'] / 1e6:.2f}")
     console.print(table)
 
