@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from scipy.stats import kendalltau, spearmanr
 
 from ..data.samples import model_inputs
+from ..errors import FP8MixError
+from ..evaluate.metrics import counted_positions, placeholder_ids
 from ..models import GROUP_KINDS, ModelLayout
 from ..quant.weights import QuantizedWeights
 from .autoquant import _fp8_group
@@ -75,14 +77,22 @@ def kind_patterns(doc: dict, n_blocks: int) -> dict:
 
 @torch.no_grad()
 def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, seed: int = 0) -> dict:
-    """Held-out KL(BF16 ‖ FP8 choice) of the AutoQuant block choice at each control coverage, against N_RANDOM
-    random choices of as many blocks, the first-K and the last-K blocks."""
+    """Held-out KL(BF16 ‖ FP8 choice) per text position (as eval counts them) of the AutoQuant block choice at each
+    control coverage, against N_RANDOM random choices of as many blocks, the first-K and the last-K blocks."""
     from ..plan.planner import blocks_for_fraction
 
     qw = QuantizedWeights(model, [g.modules for g in layout.groups], fmt)
     qw.calibrate(model, batches)  # no reduce across ranks: the control runs in the main process alone
-    refs = [F.log_softmax(model(**model_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
-            for b in batches]
+    placeholders = placeholder_ids(model.config)
+    # KL over the positions that predict text, as eval counts them (not padding, not image placeholders)
+    masks = [counted_positions(b, placeholders)[0] for b in batches]
+    if not any(bool(m.any()) for m in masks):
+        raise FP8MixError("the control samples have no text position to measure KL on; check --data")
+
+    def logprobs(b, m):
+        return F.log_softmax(model(**model_inputs(b), use_cache=False).logits[:, :-1].float(), -1)[m.to(b["input_ids"].device)]
+
+    refs = [logprobs(b, m) for b, m in zip(batches, masks)]
 
     def kl_of(blocks: set[int]) -> float:
         tot, n = 0.0, 0
@@ -90,11 +100,10 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
             for g in layout.groups:
                 if g.block in blocks:
                     stack.enter_context(_fp8_group(qw, g))
-            for b, ref in zip(batches, refs):
-                lp = F.log_softmax(model(**model_inputs(b), use_cache=False).logits.float(), -1)[b["attention_mask"].bool()]
-                tot += float(F.kl_div(lp, ref, reduction="sum", log_target=True))
+            for b, m, ref in zip(batches, masks, refs):
+                tot += float(F.kl_div(logprobs(b, m), ref, reduction="sum", log_target=True))
                 n += int(ref.shape[0])
-        return tot / max(n, 1)
+        return tot / n
 
     rng = random.Random(f"fp8mix-control:{seed}")
     n = layout.n_blocks
