@@ -133,3 +133,16 @@ def test_plan_needs_the_model_facts_of_the_scores_file(skeleton):
     del sens["model_layout"]
     with pytest.raises(FP8MixError, match="rerun fp8mix score"):
         plan_scheme("fp8_autoquant_full", catalog, sens)
+
+
+def test_planning_prints_nothing(skeleton, capfd):
+    """The budget solver is silent: HiGHS's log would land in the run's output."""
+    rng = random.Random(2)
+    n = 144  # the 3B's 36 blocks x 4 groups
+    solve_budget([rng.random() ** 6 for _ in range(n)], [rng.randint(1000, 100000) for _ in range(n)], 11.0)
+    catalog, _ = load_catalog()
+    sens = _sens(skeleton, [1.0 + b for b in range(skeleton[2].n_blocks)])
+    for name in catalog.schemes:
+        plan_scheme(name, catalog, sens)
+    out, _ = capfd.readouterr()
+    assert out == ""

@@ -28,7 +28,7 @@ def solve_budget(scores: list[float], params: list[int], bits: float) -> list[bo
     # a tiny tie-breaker on the item index keeps equal-score choices deterministic (earlier items first)
     tie = np.arange(len(s)) * 1e-9
     res = milp(c=s + tie, integrality=np.ones(len(s)), bounds=Bounds(0, 1),
-               constraints=LinearConstraint(share[None, :], lb=need - 1e-12, ub=np.inf))
+               constraints=LinearConstraint(share[None, :], lb=need - 1e-12, ub=np.inf), options={"disp": False})
     if not res.success:
         raise FP8MixError(f"no FP8 choice reaches {bits} effective bits ({res.message})")
     return [bool(round(v)) for v in res.x]
