@@ -50,7 +50,7 @@ def vllm_version(py: str) -> str | None:
 
 def runner_digest() -> str:
     """A hash of the runner script: a cached served output is stale when the runner changed."""
-    return hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(SCRIPT.read_bytes() + SCRIPT.with_name("vllm_layers.py").read_bytes()).hexdigest()[:16]
 
 
 class RequestSet:

@@ -61,6 +61,9 @@ import time
 import traceback
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its sibling module
+from vllm_layers import check_expectations, inspect_layers  # noqa: E402
+
 
 def _set_env() -> None:
     """Settings that must be in place before vllm is imported (so not at module import: no side effects there)."""
@@ -295,88 +298,6 @@ def serve(llm, requests: list[dict], errors: list[str], timings: dict) -> dict[s
     return outputs
 
 
-def _inspect(model):
-    """Runs inside the worker (here: this process). Returns a picklable description of every linear layer."""
-    import torch
-
-    try:
-        from vllm.model_executor.layers.linear import LinearBase
-    except Exception:  # pragma: no cover - layout change
-        LinearBase = ()
-    try:
-        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-    except Exception:  # pragma: no cover
-        ParallelLMHead = ()
-
-    def tensor_info(t):
-        if t is None or not isinstance(t, torch.Tensor):
-            return None, None
-        return str(t.dtype).replace("torch.", ""), list(t.shape)
-
-    layers = {}
-    for name, mod in model.named_modules():
-        if not (isinstance(mod, LinearBase) or isinstance(mod, ParallelLMHead)):
-            continue
-        qm = getattr(mod, "quant_method", None)
-        scheme = getattr(mod, "scheme", None) or getattr(qm, "scheme", None)
-        kernel = getattr(scheme, "kernel", None) or getattr(qm, "kernel", None) \
-            or getattr(scheme, "fp8_linear", None)
-        w = getattr(mod, "weight", None)
-        if w is None:
-            w = next((p for _, p in mod.named_parameters(recurse=False)), None)
-        wd, ws = tensor_info(w)
-        sd, ss = tensor_info(getattr(mod, "weight_scale", None))
-        layers[name] = {
-            "module": type(mod).__name__,
-            "quant_method": type(qm).__name__ if qm is not None else None,
-            "scheme": type(scheme).__name__ if scheme is not None else None,
-            "kernel": type(kernel).__name__ if kernel is not None else None,
-            "weight_dtype": wd, "weight_shape": ws,
-            "weight_scale_dtype": sd, "weight_scale_shape": ss,
-        }
-    mapper = getattr(type(model), "hf_to_vllm_mapper", None) or getattr(model, "hf_to_vllm_mapper", None)
-    packed = dict(getattr(model, "packed_modules_mapping", None) or {})
-    return {"layers": layers, "model_class": type(model).__name__, "mapper": mapper, "packed": packed}
-
-
-def _resolve(pattern: str, layer_names: list[str], mapper, packed: dict) -> list[str]:
-    """Layer names matched by one --expect-* entry."""
-    if pattern.startswith("re:"):
-        rx = re.compile(pattern[3:])
-        return [n for n in layer_names if rx.fullmatch(n)]
-    candidates = {pattern}
-    if mapper is not None:  # map as a weight name too: prefix rules like "lm_head." need the trailing part
-        for key, suffix in ((pattern, ""), (pattern + ".weight", ".weight")):
-            try:
-                mapped = mapper._map_name(key)
-            except Exception:
-                mapped = None
-            if mapped and mapped.endswith(suffix):
-                candidates.add(mapped[: len(mapped) - len(suffix)])
-    for cand in list(candidates):  # unfused shard name -> fused vLLM layer name
-        head, _, last = cand.rpartition(".")
-        for fused, shards in packed.items():
-            if last in shards:
-                candidates.add(f"{head}.{fused}" if head else fused)
-    return [n for n in layer_names if n in candidates]
-
-
-def _check_expectations(layers: dict, mapper, packed: dict, expect: dict[str, list[str]], errors: list[str]) -> dict:
-    names = sorted(layers)
-    report = {}
-    for want, patterns in expect.items():
-        for pat in patterns:
-            hits = _resolve(pat, names, mapper, packed)
-            bad = [n for n in hits if layers[n]["weight_dtype"] != want]
-            report[pat] = {"expected": want, "layers": hits,
-                           "mismatch": {n: layers[n]["weight_dtype"] for n in bad}}
-            if not hits:
-                errors.append(f"expected {want} layer {pat!r} matches no linear layer in vLLM's model")
-            for n in bad:
-                errors.append(f"layer {n} ({pat}): weight dtype {layers[n]['weight_dtype']}, expected {want}")
-    return report
-
-
 def _split(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
@@ -421,13 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             result["timings_s"]["load"] = round(time.perf_counter() - t0, 2)
             result["quantization"] = llm.llm_engine.model_config.quantization
 
-            info = llm.apply_model(_inspect)[0]
+            info = llm.apply_model(inspect_layers)[0]
             result["model_class"] = info["model_class"]
             result["layers"] = info["layers"]
             if not info["layers"]:
                 result["errors"].append("no linear layer found in vLLM's model")
             expect = {"float8_e4m3fn": _split(args.expect_fp8), "bfloat16": _split(args.expect_bf16)}
-            result["expectations"] = _check_expectations(info["layers"], info["mapper"], info["packed"], expect,
+            result["expectations"] = check_expectations(info["layers"], info["mapper"], info["packed"], expect,
                                                          result["errors"])
             t1 = time.perf_counter()
             result["outputs"] = serve(llm, requests, result["errors"], result["timings_s"])
