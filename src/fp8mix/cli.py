@@ -53,7 +53,7 @@ def info(model: Annotated[Optional[str], typer.Option(
 
 Run = Annotated[Path, typer.Option("--run", "--out", "-o", help="Run directory")]
 CatalogOpt = Annotated[Optional[str], typer.Option("--catalog", help="Scheme catalog YAML (default: the built-in one)")]
-Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch")]
 Force = Annotated[bool, typer.Option("--force", help="Redo the stage even if its outputs exist")]
 CalibSamples = Annotated[Optional[int], typer.Option("--calib-samples", help="Override the catalog's sample count")]
@@ -72,7 +72,7 @@ DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="auto: sp
                                                                        "(accelerate), for models larger than one GPU")]
 
 
-def _options(run, model=None, catalog=None, device="cpu", force=False, calib_samples=None, data=None,
+def _options(run, model=None, catalog=None, device="auto", force=False, calib_samples=None, data=None,
              text_only=False, method=None, seed=None, batch_size=None, device_map=None, max_length=None,
              max_pixels=None):
     from .context import RunOptions
@@ -85,7 +85,7 @@ def _options(run, model=None, catalog=None, device="cpu", force=False, calib_sam
 
 
 @app.command()
-def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: Device = "cpu",
+def score(run: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: Device = "auto",
           calib_samples: CalibSamples = None, data: Data = None, text_only: TextOnly = False, method: Method = None,
           seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False,
           max_length: MaxLength = None, max_pixels: MaxPixels = None,
@@ -181,7 +181,7 @@ def plan(run: Run, catalog: CatalogOpt = None, calib_samples: CalibSamples = Non
 @app.command()
 def export(run: Run, scheme: Annotated[Optional[str], typer.Option("--scheme", help="One scheme (default: all)")] = None,
            fmt: Annotated[str, typer.Option("--format", help="compressed-tensors or modelopt")] = "compressed-tensors",
-           device: Device = "cpu", force: Force = False, device_map: DeviceMap = None) -> None:
+           device: Device = "auto", force: Force = False, device_map: DeviceMap = None) -> None:
     """Write one vLLM-loadable checkpoint per plan to checkpoints/<scheme>/ (streamed from the source files; the
     model is loaded only to calibrate fp8_static input scales, on --device / --device-map)."""
     from .export.stage import stage_export
@@ -197,7 +197,7 @@ def export(run: Run, scheme: Annotated[Optional[str], typer.Option("--scheme", h
 @app.command()
 def check(run: Run, live: Annotated[bool, typer.Option("--live/--no-live", help="Also load and run each checkpoint "
                                                                                "in vLLM where vLLM is importable")]
-          = True, device: Device = "cpu") -> None:
+          = True, device: Device = "auto") -> None:
     """Check every checkpoint against vLLM's loading rules, then in vLLM itself; non-zero exit on a failure."""
     from .check.stage import stage_check
     from .context import require_run
@@ -221,7 +221,7 @@ def check(run: Run, live: Annotated[bool, typer.Option("--live/--no-live", help=
 
 @app.command(name="eval")
 def eval_(run: Run, eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out samples")] = 64,
-          device: Device = "cpu", threads: Threads = None, device_map: DeviceMap = None,
+          device: Device = "auto", threads: Threads = None, device_map: DeviceMap = None,
           max_length: MaxLength = None, max_pixels: MaxPixels = None) -> None:
     """Evaluate BF16 and every exported scheme on the held-out set: KL, top-1 agreement, perplexity, accuracy."""
     from .evaluate.stage import stage_eval
@@ -284,7 +284,7 @@ def schemes(catalog: CatalogOpt = None, model: ModelOpt = None) -> None:
 
 
 @app.command()
-def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: Device = "cpu",
+def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: Device = "auto",
         calib_samples: CalibSamples = None, data: Data = None, text_only: TextOnly = False, method: Method = None,
         seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False,
         stop_after: Annotated[Optional[str], typer.Option("--stop-after", help="Last stage to run")] = None,

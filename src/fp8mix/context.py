@@ -37,11 +37,14 @@ class RunOptions:
     run: Path
     model: str | None = None
     catalog: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"              # cpu, cuda, cuda:N or auto (resolved when the options are made)
     device_map: str | None = None    # "auto": accelerate spreads the model over this process's GPUs
     force: bool = False
     low_memory: bool = False         # scoring: no FP8 copies of the weights kept (same scores, less memory)
     score_overrides: dict = field(default_factory=dict)   # AutoQuantSettings fields the user set
+
+    def __post_init__(self):
+        self.device = distributed.resolve_device(self.device)  # "auto": the device actually used, from here on
 
 
 def model_arg(opts: RunOptions) -> str | None:

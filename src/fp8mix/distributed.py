@@ -42,8 +42,21 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def resolve_device(device: str) -> str:
+    """The device a stage runs on: "auto" is CUDA when a GPU is visible, else the CPU; cpu, cuda and cuda:N pass."""
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise FP8MixError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def init(device: str) -> str:
-    """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA); returns this rank's device."""
+    """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA); returns this rank's device ("auto"
+    resolved)."""
+    device = resolve_device(device)
     if not launched():
         return device
     cuda = str(device).startswith("cuda")
@@ -109,4 +122,4 @@ def leave() -> None:
 
 
 __all__ = ["active", "all_reduce", "barrier", "close", "init", "is_main", "launched", "leave", "local_gpus", "rank",
-           "shard", "world_size"]
+           "resolve_device", "shard", "world_size"]

@@ -117,7 +117,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         f"{_fmt(bf16['n_text_positions'], 'd')} positions counted ({positions}), "
         f"{_fmt(bf16['n_reply_positions'], 'd')} of them in replies, "
         f"{_fmt(bf16['n_answers'], 'd')} reference answers |")
-    add(f"| hardware | {manifest.get('hardware', manifest.get('device', 'cpu'))} |")
+    add(f"| device | {manifest.get('device', 'cpu')} ({manifest.get('hardware', 'hardware not recorded')}) |")
     add("| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + " |")
     live_versions = sorted({c["live"].get("vllm_version") for c in checks.values() if c["live"].get("vllm_version")})
     add(f"| vLLM (live check) | {', '.join(live_versions) or 'not available'} |")
