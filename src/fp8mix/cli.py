@@ -293,8 +293,11 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
         = True,
         control_samples: Annotated[int, typer.Option("--control-samples", help="Held-out samples for the study's "
                                                                                "control")] = 32,
-        device_map: DeviceMap = None, max_length: MaxLength = None, max_pixels: MaxPixels = None) -> None:
-    """Every stage in order: score, plan, export, check, eval, report."""
+        device_map: DeviceMap = None, max_length: MaxLength = None, max_pixels: MaxPixels = None,
+        no_study: Annotated[bool, typer.Option("--no-study", help="Quick run: leave out the sensitivity study "
+                                                                 "(run it later with fp8mix score --study)")]
+        = False) -> None:
+    """Every stage in order: score, study, plan, export, check, eval, report."""
     from .context import set_threads
     from .pipeline import run_all
 
@@ -302,7 +305,7 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
     opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size,
                     device_map, max_length, max_pixels)
     run_all(opts, stop_after, {"eval": {"n_eval": eval_samples}, "check": {"live": live},
-                               "study": {"n_control": control_samples}})
+                               "study": {"n_control": control_samples}}, study=not no_study)
     console.print(f"run directory: {out}")
     if (out / "report.md").is_file() and stop_after in (None, "report"):
         console.print(f"[bold]report: {out / 'report.md'}[/]")

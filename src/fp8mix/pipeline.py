@@ -57,9 +57,10 @@ def _digest(paths: list[Path], extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def run_all(opts: RunOptions, stop_after: str | None = None, stage_args: dict | None = None) -> None:
-    """Every stage in order. A stage whose outputs exist and whose inputs are unchanged is skipped (--force
-    redoes it)."""
+def run_all(opts: RunOptions, stop_after: str | None = None, stage_args: dict | None = None,
+            study: bool = True) -> None:
+    """Every stage in order (the study only with `study`, for a quick run). A stage whose outputs exist and whose
+    inputs are unchanged is skipped (--force redoes it)."""
     if stop_after is not None and stop_after not in STAGES:
         raise FP8MixError(f"unknown stage {stop_after!r}; stages: {', '.join(STAGES)}")
     from .check.live import vllm_python
@@ -69,6 +70,11 @@ def run_all(opts: RunOptions, stop_after: str | None = None, stage_args: dict | 
     _, cat_file = catalog_of(opts)
     for name in STAGES:
         console.rule(f"[bold]{name}")
+        if name == "study" and not study:
+            console.print("study: left out of this run (--no-study)")
+            if name == stop_after:
+                break
+            continue
         inputs, outputs = stage_io(opts, name, cat_file)
         extra = {"overrides": overrides(opts), "args": stage_args.get(name, {}), "device": opts.device,
                  "vllm": vllm_python() if name == "check" else None}

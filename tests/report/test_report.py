@@ -93,3 +93,25 @@ def test_run_resumes_and_force_redoes(small_run):
     assert (opts.run / "plans/fp8_autoquant_top25.json").read_bytes()  # redone, same bytes (deterministic)
     run_all(forced, None, {**args, "eval": {"n_eval": 8}})
     assert (opts.run / "report.md").stat().st_mtime_ns != before["report.md"]
+
+
+def test_quick_run_without_the_study(tmp_path):
+    """`fp8mix run --no-study`: no study is scored, the report has no study section and says how to run it; the
+    default device ("auto") is recorded resolved, as run.json and the report show it."""
+    from typer.testing import CliRunner
+
+    from fp8mix import distributed
+    from fp8mix.cli import app
+
+    run = tmp_path / "quick"
+    result = CliRunner().invoke(app, ["run", "--out", str(run), "--calib-samples", "4", "--batch-size", "4",
+                                      "--eval-samples", "4", "--no-live", "--no-study"])
+    assert result.exit_code == 0, result.output
+    assert "study" not in json.loads((run / "sensitivity.json").read_text())
+    text = (run / "report.md").read_text()
+    assert "## Sensitivity study" not in text and "Consistently sensitive blocks" not in text
+    assert "The sensitivity study was skipped" in text
+    assert f"`fp8mix score --run {run} --study`" in text and "without `--no-study`" in text
+    device = distributed.resolve_device("auto")
+    assert json.loads((run / "run.json").read_text())["device"] == device
+    assert f"| device | {device} (" in text

@@ -106,6 +106,9 @@ def pareto(rows: list[dict], study: dict | None, positions: str, path: Path) -> 
     ax.set_xlabel("effective bits of the LM linear weights (lower = smaller)")
     ax.set_ylabel(f"mean KL(BF16 || scheme), nats\nschemes: over {positions}", fontsize=9)
     ax.invert_xaxis()
-    ax.set_title("Quality vs size: schemes and controls")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if study and "control" in study:
+        ax.set_title("Quality vs size: schemes and controls")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.set_title("Quality vs size (no study: no controls)")
     return _save(fig, path)

@@ -101,6 +101,10 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     if study:
         add(f"- Blocks in the most sensitive quartile under every scoring config: "
             f"{', '.join(map(str, study['consistently_sensitive_blocks'])) or 'none'}.")
+    else:
+        add(f"- The sensitivity study was skipped (rank stability across scoring configs and the control against "
+            f"random block choices). Run it with `fp8mix score --run {run} --study` and then `fp8mix report --run "
+            f"{run}`, or with `fp8mix run` without `--no-study`.")
     add("")
 
     add("## Setup\n")
@@ -147,7 +151,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         "normalised greedy reply differs from the BF16 model's, reference answer or not.\n")
     for key, caption in (("heatmap", "Sensitivity per block and group kind"),
                          ("blocks", "Per-block sensitivity and the chosen sets"),
-                         ("pareto", "Quality against effective bits, with the controls")):
+                         ("pareto", "Quality against effective bits" + (", with the controls" if study else ""))):
         if key in figures:
             add(f"![{caption}]({figures[key]})\n")
 
@@ -176,10 +180,8 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
             f"{_mb(r['checkpoint_bytes'])} MB. Files: [plan](plans/{name}.json), [checkpoint](checkpoints/{name}/), "
             f"[check](checks/{name}.json).\n")
 
-    add("## Sensitivity study\n")
-    if not study:
-        add("Not run (`fp8mix score --study`).\n")
-    else:
+    if study:
+        add("## Sensitivity study\n")
         st = study["stability"]
         runs = {r["label"]: r for r in sens["runs"]}
         add("The base setting was scored again under other configs, one change at a time:\n")
