@@ -1,6 +1,8 @@
 import json
 import re
 
+import pytest
+
 from fp8mix.plan.catalog import load_catalog
 
 SECTIONS = ["## Overview", "## Setup", "## Schemes at a glance", "## Sensitivity study", "## vLLM compatibility",
@@ -115,3 +117,39 @@ def test_quick_run_without_the_study(tmp_path):
     device = distributed.resolve_device("auto")
     assert json.loads((run / "run.json").read_text())["device"] == device
     assert f"| device | {device} (" in text
+
+
+def test_report_links_resolve_in_a_copied_run(small_run, tmp_path):
+    """Every link and figure of report.md is relative to the run directory: a copied report keeps working."""
+    import shutil
+
+    opts, _ = small_run
+    copy = shutil.copytree(opts.run, tmp_path / "elsewhere")
+    text = (copy / "report.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert len(links) > 10 and any(t.startswith("figures/") for t in links)
+    for target in links:
+        assert not target.startswith("/") and str(opts.run) not in target, target
+        assert (copy / target).exists(), target
+    assert (copy / "catalog.yaml").read_bytes() == load_catalog()[1].read_bytes()
+
+
+@pytest.mark.parametrize("blocks, phrase", [([0], "Block 0 is sensitive"), ([0, 3], "Blocks 0, 3 are sensitive")])
+def test_report_counts_agree_with_their_nouns(small_run, tmp_path, blocks, phrase):
+    import shutil
+
+    from fp8mix.context import RunOptions
+    from fp8mix.report.stage import stage_report
+    from fp8mix.rundir import read_json, write_json
+
+    opts, _ = small_run
+    run = shutil.copytree(opts.run, tmp_path / "run", ignore=shutil.ignore_patterns("*.safetensors"))
+    sens = read_json(run / "sensitivity.json", "sensitivity")
+    sens.pop("schema")
+    sens["study"]["consistently_sensitive_blocks"] = blocks
+    sens["study"]["control_samples"] = 1
+    write_json(run / "sensitivity.json", "sensitivity", sens)
+    text = stage_report(RunOptions(run=run)).read_text()
+    assert phrase in text
+    assert "Blocks 0 is" not in text and "Block 0, 3" not in text
+    assert "**Control** on 1 held-out sample:" in text

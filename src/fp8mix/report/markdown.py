@@ -12,6 +12,9 @@ from ..rundir import schema_version
 KL_NEAR_LOSSLESS = 1e-3
 ACC_TOLERANCE = 0.01
 
+# The report links only into the run directory, so that a copied run keeps its links: the catalog is copied there.
+CATALOG_COPY = "catalog.yaml"
+
 
 # eval.json fields added in v2; a v1 file (older fp8mix) reads them as missing ("n/a").
 EVAL_V2_FIELDS = ("kl_reply_mean", "kl_reply_p99", "top1_reply_agreement", "n_text_positions", "n_reply_positions",
@@ -40,6 +43,17 @@ def _fmt(x, spec=".3g"):
 
 def _flips(r: dict) -> str:
     return "n/a" if r.get("flips_vs_bf16") is None else f"{r['flips_vs_bf16']}/{r['n_samples']}"
+
+
+def _count(n, noun: str) -> str:
+    """"1 sample", "4 samples"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _blocks_are(blocks: list[int]) -> str:
+    """"Block 3 is", "Blocks 3, 5 are"."""
+    listed = ", ".join(map(str, blocks))
+    return f"Block {listed} is" if len(blocks) == 1 else f"Blocks {listed} are"
 
 
 def _mb(n):
@@ -112,12 +126,12 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     add(f"| model | `{sens['model']}` ({model.get('fingerprint', '')[:12]}) |")
     add(f"| LM blocks | {sens['n_blocks']} ({len(sens['groups'])} fused linear groups: qkv, o, gate_up, down) |")
     add("| always BF16 | vision tower, embeddings, lm_head |")
-    add(f"| calibration | {cal['source']}: {cal['n_samples']} samples, {cal['n_tokens']} tokens, "
+    add(f"| calibration | {cal['source']}: {_count(cal['n_samples'], 'sample')}, {_count(cal['n_tokens'], 'token')}, "
         f"{'with images' if cal['with_images'] else 'text only'}, seed {cal['seed']}, batch {cal['batch_size']} |")
     add(f"| loss | {cal['loss']} |")
     add(f"| AutoQuant | method {sens['method']}, FP8 format {sens['fp8_format']}, granularity {sens['granularity']}, "
         f"settings key `{sens['settings_key']}` |")
-    add(f"| evaluation | {ev['data']}: {ev['n_samples']} held-out samples (never used for calibration), "
+    add(f"| evaluation | {ev['data']}: {_count(ev['n_samples'], 'held-out sample')} (never used for calibration), "
         f"{_fmt(bf16['n_text_positions'], 'd')} positions counted ({positions}), "
         f"{_fmt(bf16['n_reply_positions'], 'd')} of them in replies, "
         f"{_fmt(bf16['n_answers'], 'd')} reference answers |")
@@ -125,7 +139,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     add("| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + " |")
     live_versions = sorted({c["live"].get("vllm_version") for c in checks.values() if c["live"].get("vllm_version")})
     add(f"| vLLM (live check) | {', '.join(live_versions) or 'not available'} |")
-    add(f"| catalog | [{catalog_path.name}]({catalog_path}) |\n")
+    add(f"| catalog | [{CATALOG_COPY}]({CATALOG_COPY}) (a copy of `{catalog_path}`) |\n")
 
     add("## Schemes at a glance\n")
     add("| scheme | rule | FP8 blocks | FP8 groups | eff. bits | LM weights MB | mean KL | p99 KL | top-1 agree | "
@@ -209,8 +223,9 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         add("")
         add("Depth pattern: " + ", ".join(f"{part} blocks {pat['depth_blocks'][part][0]}–{pat['depth_blocks'][part][-1]} "
                                           f"hold {pat['depth_share'][part]:.1%}" for part in ("early", "middle", "late")) + ".\n")
-        add(f"**Control** on {study['control_samples']} held-out samples: mean KL(BF16 ‖ FP8) of the AutoQuant block "
-            "choice against 20 random choices of as many blocks, and the first-K / last-K heuristics:\n")
+        add(f"**Control** on {_count(study['control_samples'], 'held-out sample')}: mean KL(BF16 ‖ FP8) of the "
+            "AutoQuant block choice against 20 random choices of as many blocks, and the first-K / last-K "
+            "heuristics:\n")
         add("| coverage | blocks | AutoQuant | random (mean) | AutoQuant better than | first-K | last-K |")
         add("|---|---|---|---|---|---|---|")
         for frac, c in study["control"].items():
@@ -255,7 +270,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
                 f"against whole-block `{m}` {_fmt(rows[m]['kl_mean'])}: "
                 f"{'prefer the group-level budget' if better else 'whole blocks do as well here'}.")
     if study and study["consistently_sensitive_blocks"]:
-        add(f"- Blocks {', '.join(map(str, study['consistently_sensitive_blocks']))} are sensitive under every config: "
+        add(f"- {_blocks_are(study['consistently_sensitive_blocks'])} sensitive under every config: "
             "a hand-written scheme should keep them BF16.")
     add("- Schemes that fail a vLLM check must not be served; the check file names the reason.\n")
 
@@ -264,7 +279,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     add(manifest.get("command", "fp8mix run"))
     add(f"fp8mix report --run {run}")
     add("```\n")
-    add(f"Catalog: [{catalog_path}]({catalog_path}). Run files: [run.json](run.json), "
+    add(f"Catalog: [{CATALOG_COPY}]({CATALOG_COPY}), a copy of `{catalog_path}`. Run files: [run.json](run.json), "
         "[sensitivity.json](sensitivity.json), [eval.json](eval.json), [summary.json](summary.json), plans/, checks/.\n")
     add("## Out of scope\n")
     add("This report covers the language model. The vision tower, the embeddings and lm_head stay BF16 in every "

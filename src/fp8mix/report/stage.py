@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from .. import manifest
 from ..context import RunOptions, catalog_of
 from ..rundir import read_json, write_json
 from . import figures
-from .markdown import eval_rows, render
+from .markdown import CATALOG_COPY, eval_rows, render
 
 
 def stage_report(opts: RunOptions) -> Path:
@@ -30,6 +31,9 @@ def stage_report(opts: RunOptions) -> Path:
             "pareto": figures.pareto(ev["rows"], sens.get("study"), positions, run / "figures" / "pareto.png")}
     if sens.get("study"):
         figs["stability"] = figures.stability(sens["study"], run / "figures" / "stability.png")
+    copy = run / CATALOG_COPY
+    if not (copy.is_file() and copy.samefile(cat_path)):
+        shutil.copyfile(cat_path, copy)
     text, summary = render(run, sens, plans, checks, ev, man, cat_path,
                            {k: str(v.relative_to(run)) for k, v in figs.items()})
     fd, tmp = tempfile.mkstemp(dir=run, prefix=".report.md.", suffix=".tmp")
