@@ -17,6 +17,7 @@ KL(p_BF16 ‖ p_group-FP8) of the next-token distribution.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from functools import partial
 
@@ -100,21 +101,55 @@ def _fp8_group(qw: QuantizedWeights, group: LinearGroup):
             del mod.forward  # back to the class's forward
 
 
+@contextmanager
+def _replayed(outputs: dict[nn.Module, object]):
+    """Modules whose forward returns the output recorded in the BF16 pass instead of computing it again. Any
+    forward already set on the instance (accelerate's device-map hook) is put back afterwards."""
+    saved = {mod: mod.__dict__.get("forward") for mod in outputs}
+    for mod, out in outputs.items():
+        # a shallow copy each call: callers may replace fields of a returned ModelOutput (Qwen2.5-VL splits the
+        # vision tower's pooler_output in place)
+        mod.forward = lambda *_a, _out=out, **_k: copy.copy(_out)
+    try:
+        yield
+    finally:
+        for mod, fwd in saved.items():
+            if fwd is None:
+                del mod.forward
+            else:
+                mod.forward = fwd
+
+
 @torch.no_grad()
 def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
-              progress: Progress = no_progress, cache_weights: bool = True) -> dict[str, float]:
-    """Per-group KL scores, reported on the group's first module (the group is the unit of the KL method)."""
+              progress: Progress = no_progress, cache_weights: bool = True, layers: nn.ModuleList | None = None,
+              vision: nn.Module | None = None) -> dict[str, float]:
+    """Per-group KL scores, reported on the group's first module (the group is the unit of the KL method).
+
+    With `layers` (the decoder blocks) and `vision` (the vision tower) given, a group's forward does not recompute
+    what FP8 in block k cannot change: the vision tower and blocks 0..k-1 return their outputs recorded in the BF16
+    pass, so only blocks k.. and the head run again. The result is the same as a full forward (tested)."""
     qw = QuantizedWeights(model, [g.modules for g in groups], fmt, cache_weights)
     qw.calibrate(model, batches, progress, _max_across_ranks)
     out = {m: 0.0 for g in groups for m in g.modules}
+    recorded: dict[nn.Module, object] = {}
+    watched = list(layers or []) + ([vision] if vision is not None else [])
     for batch in progress(batches, "scoring (KL, one forward per group)"):
         inputs = model_inputs(batch)
         mask = batch["attention_mask"].bool()
-        ref = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
+        handles = [m.register_forward_hook(lambda mod, _a, o: recorded.__setitem__(mod, copy.copy(o))) for m in watched]
+        try:
+            ref = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
+        finally:
+            for h in handles:
+                h.remove()
         for g in groups:
-            with _fp8_group(qw, g):
+            skip = {m: recorded[m] for m in list(layers or [])[:g.block] + ([vision] if vision is not None else [])
+                    if m in recorded}
+            with _fp8_group(qw, g), _replayed(skip):
                 logq = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
             out[g.modules[0]] += float(F.kl_div(logq, ref, reduction="sum", log_target=True))
+        recorded.clear()
     names = list(out)
     summed = distributed.all_reduce([torch.tensor(out[n], dtype=torch.float64) for n in names])
     return {n: float(v) for n, v in zip(names, summed)}

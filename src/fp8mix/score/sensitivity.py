@@ -57,8 +57,14 @@ def score(loaded: LoadedModel, settings: AutoQuantSettings, progress: Progress =
     device = device or loaded.model.get_input_embeddings().weight.device
     batches, n_samples, dropped = calibration_batches(loaded.processor, settings, device, shard=True)
     groups = list(loaded.layout.groups)
-    fn = gradient_scores if settings.method == "gradient" else kl_scores
-    module_scores = fn(loaded.model, groups, batches, settings.fp8_format, progress, cache_weights=not low_memory)
+    if settings.method == "gradient":
+        module_scores = gradient_scores(loaded.model, groups, batches, settings.fp8_format, progress,
+                                        cache_weights=not low_memory)
+    else:
+        adapter, model = loaded.adapter, loaded.model
+        module_scores = kl_scores(model, groups, batches, settings.fp8_format, progress, cache_weights=not low_memory,
+                                  layers=model.get_submodule(adapter.blocks_path),
+                                  vision=model.get_submodule(adapter.vision_path) if adapter.vision_path else None)
     check_scores(module_scores)
     counts = [torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), dtype=torch.float64),
               torch.tensor(sum(int((b["labels"] != -100).sum()) for b in batches), dtype=torch.float64)]
