@@ -4,12 +4,10 @@ import shutil
 import subprocess
 import sys
 
+from cli_runs import fp8mix, one_line_error
+
 from fp8mix import __version__
 from fp8mix.models.loading import EMBEDDED
-
-
-def fp8mix(*args):
-    return subprocess.run([sys.executable, "-m", "fp8mix", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_version():
@@ -23,23 +21,15 @@ def test_info_embedded():
     assert "8 blocks x 4" in r.stdout and "gate_up" in r.stdout and "tied to the embeddings" in r.stdout
 
 
-def _one_line_error(r):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr + r.stdout
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    return lines[0]
-
-
 def test_missing_path(tmp_path):
-    assert "does not exist" in _one_line_error(fp8mix("info", "--model", str(tmp_path / "nope")))
+    assert "does not exist" in one_line_error(fp8mix("info", "--model", str(tmp_path / "nope")))
 
 
 def test_corrupt_checkpoint(tmp_path):
     for f in EMBEDDED.iterdir():
         shutil.copy(f, tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
-    assert "corrupt" in _one_line_error(fp8mix("info", "--model", str(tmp_path)))
+    assert "corrupt" in one_line_error(fp8mix("info", "--model", str(tmp_path)))
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):
@@ -60,7 +50,7 @@ def test_unsupported_model(tmp_path):
     cfg = json.loads((EMBEDDED / "config.json").read_text())
     cfg["architectures"] = ["LlamaForCausalLM"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    line = _one_line_error(fp8mix("info", "--model", str(tmp_path)))
+    line = one_line_error(fp8mix("info", "--model", str(tmp_path)))
     assert "unsupported architecture 'LlamaForCausalLM'" in line and "Qwen2_5_VLForConditionalGeneration" in line
 
 

@@ -16,6 +16,7 @@ import torch
 from fp8mix.data import shapes, real
 from fp8mix.data.samples import encode, model_inputs
 from fp8mix.evaluate.accuracy import greedy_replies
+from random_models import tiny_random_config
 
 ATOL = 2e-4  # float32 logits; padding and batching change summation order only (measured <= 2e-5)
 
@@ -49,11 +50,6 @@ def model_and_processor(request, embedded, tmp_path_factory):
 
     from fp8mix.models.loading import EMBEDDED
     from fp8mix.models.processor import load_processor
-
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from random_models import tiny_random_config
 
     torch.manual_seed(0)
     emb = embedded.model.config

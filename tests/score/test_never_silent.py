@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runs import fp8mix, one_line_error
 from PIL import Image
 
 from fp8mix.data import real, shapes
@@ -16,19 +15,6 @@ from fp8mix.data.samples import ChatSample, assistant_turn, encode, fit_image, f
 from fp8mix.errors import FP8MixError
 from fp8mix.models.loading import EMBEDDED
 from fp8mix.score.sensitivity import check_scores
-
-
-def fp8mix(*args):
-    return subprocess.run([sys.executable, "-m", "fp8mix", *args], capture_output=True, text=True, timeout=600)
-
-
-def one_line_error(r) -> str:
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr + r.stdout
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr  # progress bars may come before it
-    return errors[0]
 
 
 def nothing_written(run) -> None:
@@ -50,7 +36,8 @@ def test_template_without_the_assistant_header_stops_scoring(tmp_path):
     (folder / "chat_template.jinja").write_text(tpl.replace("<|im_start|>{{ message['role'] }}\n",
                                                             "<|im_start|>{{ message['role'] }}:\n"))
     run = tmp_path / "run"
-    line = one_line_error(fp8mix("score", "--out", str(run), "--model", str(folder), "--calib-samples", "4"))
+    r = fp8mix("score", "--out", str(run), "--model", str(folder), "--calib-samples", "4", timeout=600)
+    line = one_line_error(r, after_progress=True)
     assert "<|im_start|>assistant\\n" in line and "4 of 4 sample(s) have no supervised token" in line
     nothing_written(run)
 
@@ -71,7 +58,8 @@ def test_nan_weights_stop_scoring(tmp_path):
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     run = tmp_path / "run"
-    line = one_line_error(fp8mix("score", "--out", str(run), "--model", str(folder), "--calib-samples", "4"))
+    r = fp8mix("score", "--out", str(run), "--model", str(folder), "--calib-samples", "4", timeout=600)
+    line = one_line_error(r, after_progress=True)
     assert "not finite" in line
     nothing_written(run)
 
@@ -109,7 +97,8 @@ def test_1080p_photos_are_fitted_and_overlong_samples_dropped(tmp_path):
     longer than --max-length is dropped and counted, never cut or turned into a traceback."""
     data = _photo_jsonl(tmp_path, 8, long_reply_every=2)
     run = tmp_path / "run"
-    r = fp8mix("score", "--out", str(run), "--data", str(data), "--calib-samples", "6", "--max-length", "256")
+    r = fp8mix("score", "--out", str(run), "--data", str(data), "--calib-samples", "6", "--max-length", "256",
+               timeout=600)
     assert r.returncode == 0, r.stderr
     cal = json.loads((run / "sensitivity.json").read_text())["calibration"]
     assert cal["n_dropped_too_long"] >= 1 and cal["n_samples"] + cal["n_dropped_too_long"] == 6
@@ -119,7 +108,8 @@ def test_1080p_photos_are_fitted_and_overlong_samples_dropped(tmp_path):
 def test_nothing_fits_is_one_line(tmp_path):
     data = _photo_jsonl(tmp_path, 8)
     run = tmp_path / "run"
-    line = one_line_error(fp8mix("score", "--out", str(run), "--data", str(data), "--max-length", "24"))
+    r = fp8mix("score", "--out", str(run), "--data", str(data), "--max-length", "24", timeout=600)
+    line = one_line_error(r, after_progress=True)
     assert "--max-length 24" in line and "--max-pixels" in line
     nothing_written(run)
 
