@@ -27,9 +27,9 @@ def skeleton():
 @pytest.fixture(scope="session")
 def parity_samples():
     """The held-out image questions of the 64-sample eval set (samples with images and an answer)."""
-    from fp8mix.evaluate.stage import eval_samples
+    from fp8mix.data.sources import held_out
 
-    return [s for s in eval_samples("embedded", 64) if s.images and s.answer is not None]
+    return [s for s in held_out("embedded", 64) if s.images and s.answer is not None]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from ..score.batches import calibration_samples, fitted, make_batches
 from .checkpoint import checkpoint_bytes, scheme_applied
 from .metrics import REFERENCE, evaluate
 
-EVAL_SEED = sources.EVAL_SEED
 BATCH_SIZE = 8
 VERSION = 2  # eval.json v2: metrics over text and reply positions, normalised accuracy, flips vs BF16
 # What each row's fields average over; written into eval.json so that the file explains itself.
@@ -33,10 +32,6 @@ POSITIONS = {
 }
 
 
-def eval_samples(data: str, n: int):
-    return sources.held_out(data, n)
-
-
 def stage_eval(opts: RunOptions, n_eval: int = 64) -> dict:
     from ..models import loading
 
@@ -44,7 +39,7 @@ def stage_eval(opts: RunOptions, n_eval: int = 64) -> dict:
     catalog, _ = catalog_of(opts)
     over = overrides(opts)
     data = over.get("data", "embedded")
-    samples = eval_samples(data, n_eval)
+    samples = sources.held_out(data, n_eval)
     calib = {s.fingerprint() for name in catalog.schemes for s in calibration_samples(catalog.settings(name, **over))}
     if calib & {s.fingerprint() for s in samples}:
         raise FP8MixError("the evaluation set shares samples with the calibration set; pass other --data")
@@ -84,7 +79,7 @@ def stage_eval(opts: RunOptions, n_eval: int = 64) -> dict:
         rows.append({"scheme": name, **metrics[name], "n_samples": len(samples), "lm_weight_bytes": lm_bytes,
                      "checkpoint_bytes": total, "effective_bits": plans[name]["effective_bits"]})
     doc = {"model": loaded.model_id, "data": data, "n_samples": len(samples), "n_dropped": dropped,
-           "eval_seed": EVAL_SEED, "positions": POSITIONS, "rows": rows}
+           "eval_seed": sources.EVAL_SEED, "positions": POSITIONS, "rows": rows}
     write_json(opts.run / "eval.json", "eval", doc, version=VERSION)
     manifest.update(opts.run, stages={"eval": {"seconds": round(time.time() - t0, 2), "n_samples": len(samples)}})
     return doc

@@ -21,7 +21,8 @@ def model_layout(sens: dict) -> dict:
     """The scores file's model facts, checked against its groups."""
     facts = sens.get("model_layout")
     if not facts:
-        raise FP8MixError("the scores file has no model_layout (written by an older fp8mix); rerun fp8mix score --force")
+        raise FP8MixError("the scores file has no model_layout (written by an older fp8mix); "
+                          "rerun fp8mix score --force")
     linears = set(facts["lm_linears"])
     if any(m not in linears for g in sens["groups"] for m in g["modules"]):
         raise FP8MixError("the scores file's groups name linears its model_layout does not have; rerun fp8mix score")

@@ -133,19 +133,20 @@ def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], 
     qw.calibrate(model, batches, progress, _max_across_ranks)
     out = {m: 0.0 for g in groups for m in g.modules}
     recorded: dict[nn.Module, object] = {}
-    watched = list(layers or []) + ([vision] if vision is not None else [])
+    blocks, always = list(layers or []), [vision] if vision is not None else []
     for batch in progress(batches, "scoring (KL, one forward per group)"):
         inputs = model_inputs(batch)
         mask = batch["attention_mask"].bool()
-        handles = [m.register_forward_hook(lambda mod, _a, o: recorded.__setitem__(mod, copy.copy(o))) for m in watched]
+        handles = [m.register_forward_hook(lambda mod, _a, o: recorded.__setitem__(mod, copy.copy(o)))
+                   for m in blocks + always]
         try:
             ref = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
         finally:
             for h in handles:
                 h.remove()
         for g in groups:
-            skip = {m: recorded[m] for m in list(layers or [])[:g.block] + ([vision] if vision is not None else [])
-                    if m in recorded}
+            # a module not called in the BF16 pass (the vision tower on a text-only batch) is not replayed
+            skip = {m: recorded[m] for m in blocks[:g.block] + always if m in recorded}
             with _fp8_group(qw, g), _replayed(skip):
                 logq = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
             out[g.modules[0]] += float(F.kl_div(logq, ref, reduction="sum", log_target=True))

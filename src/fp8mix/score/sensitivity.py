@@ -6,12 +6,12 @@ import math
 
 import torch
 
+from .. import distributed
+from ..errors import FP8MixError
 from ..models import ModelLayout
 from ..models.loading import LoadedModel
-from .. import distributed
 from ..progress import Progress, no_progress
 from .autoquant import gradient_scores, kl_scores
-from ..errors import FP8MixError
 from .batches import calibration_batches
 from .settings import AutoQuantSettings
 

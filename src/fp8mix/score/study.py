@@ -90,7 +90,8 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
         raise FP8MixError("the control samples have no text position to measure KL on; check --data")
 
     def logprobs(b, m):
-        return F.log_softmax(model(**model_inputs(b), use_cache=False).logits[:, :-1].float(), -1)[m.to(b["input_ids"].device)]
+        logits = model(**model_inputs(b), use_cache=False).logits[:, :-1]
+        return F.log_softmax(logits.float(), -1)[m.to(logits.device)]
 
     refs = [logprobs(b, m) for b, m in zip(batches, masks)]
 
