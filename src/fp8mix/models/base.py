@@ -67,7 +67,9 @@ class FamilyAdapter:
     """Base for one model family. A family subclass names its modules and its on-disk name mapping."""
 
     family: str = ""
+    title: str = ""                # the family's name for people (reports, errors)
     architectures: tuple[str, ...] = ()
+    processor_class: str = ""      # transformers' processor class; fp8mix builds it without the video processor
     blocks_path: str = ""          # in-memory path of the decoder blocks' ModuleList
     vision_path: str = ""          # in-memory path of the vision tower ("" if none)
     embed_path: str = ""
@@ -166,7 +168,7 @@ class FamilyAdapter:
         files only: every LM linear, its on-disk name, and the ignore entries that keep the vision tower and
         lm_head BF16 in vLLM."""
         linears = self.all_lm_linears(model)
-        return {"lm_linears": linears, "disk_names": {m: self.to_disk(m) for m in linears},
+        return {"family": self.title, "architecture": type(model).__name__, "lm_linears": linears, "disk_names": {m: self.to_disk(m) for m in linears},
                 "always_ignore": [self.vision_ignore, self.lm_head_path]}
 
     def all_lm_linears(self, model: nn.Module) -> list[str]:

@@ -163,13 +163,18 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | 
     digest = fingerprint(path)
     placement = _placement(device, device_map)
     try:
-        net = model_class(architecture(cfg)).from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **placement)
+        net, info = model_class(architecture(cfg)).from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True,
+            **placement)
     except FP8MixError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FP8MixError(f"cannot load the model from {path}: {first}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would fill them with random values (e.g. a checkpoint in a naming it does not read)
+        raise FP8MixError(f"cannot load the model from {path}: {len(missing)} weights missing from the checkpoint "
+                          f"(first: {missing[0]}); is it a {adapter.title} checkpoint in the naming transformers reads?")
     spilled = sorted({str(d) for d in (getattr(net, "hf_device_map", None) or {}).values()} - {str(i) for i in range(64)})
     if device_map and spilled:
         raise FP8MixError(f"the model does not fit this process's GPUs (parts went to {', '.join(spilled)}); "

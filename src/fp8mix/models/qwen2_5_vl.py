@@ -9,7 +9,9 @@ from .base import FamilyAdapter
 
 class Qwen2_5_VLAdapter(FamilyAdapter):
     family = "qwen2_5_vl"
+    title = "Qwen2.5-VL"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    processor_class = "Qwen2_5_VLProcessor"
     blocks_path = "model.language_model.layers"
     vision_path = "model.visual"
     embed_path = "model.language_model.embed_tokens"
