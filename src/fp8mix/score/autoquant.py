@@ -11,8 +11,11 @@ output of the layer as the checkpoint serves it (quant.weights.QuantizedWeights)
 weight and input scale of its fused group, so a member with a smaller range than its neighbours is scored with
 the coarser grid it gets in vLLM.
 
-KL method: for each group, one extra forward with only that group in FP8; score = Σ over tokens of
-KL(p_BF16 ‖ p_group-FP8) of the next-token distribution.
+KL method: for each group, one extra forward with only that group in FP8; score = Σ over the text positions of
+KL(p_BF16 ‖ p_group-FP8) of the next-token distribution. Text positions are the ones eval and the study's control
+average over (evaluate.metrics.counted_positions): position t counts when token t+1 is a real token and not an
+image placeholder or vision marker. Positions that predict a placeholder say nothing about the text a served model
+writes, and with photos at realistic size they would be most of the sum.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.samples import model_inputs
+from ..evaluate.metrics import counted_positions, placeholder_ids
 from ..models import LinearGroup
 from ..progress import Progress, no_progress
 from ..quant.numerics import FP8Format
@@ -120,40 +124,69 @@ def _replayed(outputs: dict[nn.Module, object]):
                 mod.forward = fwd
 
 
+# Positions whose logits exist at once in the KL pass: bounds its scratch memory to SLICE x vocab floats.
+SLICE = 1024
+
+
+def _text_hidden(model: nn.Module, inputs: dict, text: torch.Tensor) -> torch.Tensor:
+    """The final hidden states at the text positions ([n_text, hidden]): the model without its lm_head."""
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    return hidden[text.to(hidden.device)]
+
+
+def _logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return head(hidden.to(head.weight.device))
+
+
+def _kl_sum(head: nn.Module, hidden: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of KL(p_ref ‖ p), p from `hidden` through `head`, a slice of positions at a time (float64,
+    on the head's device)."""
+    total = torch.zeros((), dtype=torch.float64, device=ref.device)
+    for k in range(0, hidden.shape[0], SLICE):
+        logq = F.log_softmax(_logits(head, hidden[k:k + SLICE]).float(), dim=-1)
+        logp = F.log_softmax(ref[k:k + SLICE].float(), dim=-1)
+        total += F.kl_div(logq, logp, reduction="sum", log_target=True).double()
+    return total
+
+
 @torch.no_grad()
 def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
               progress: Progress = no_progress, cache_weights: bool = True, layers: nn.ModuleList | None = None,
               vision: nn.Module | None = None) -> dict[str, float]:
     """Per-group KL scores, reported on the group's first module (the group is the unit of the KL method).
 
-    With `layers` (the decoder blocks) and `vision` (the vision tower) given, a group's forward does not recompute
-    what FP8 in block k cannot change: the vision tower and blocks 0..k-1 return their outputs recorded in the BF16
-    pass, so only blocks k.. and the head run again. The result is the same as a full forward (tested)."""
+    Only the hidden states at the text positions go through the lm_head, a slice at a time; the BF16 reference
+    keeps those positions' logits in the model's dtype (its log-probabilities are recomputed from them exactly),
+    and the sums stay on the device until the end. With `layers` (the decoder blocks) and `vision` (the vision
+    tower) given, a group's forward does not recompute what FP8 in block k cannot change: the vision tower and
+    blocks 0..k-1 return their outputs recorded in the BF16 pass, so only blocks k.. and the head run again. The
+    result is the same as a full forward (tested)."""
     qw = QuantizedWeights(model, [g.modules for g in groups], fmt, cache_weights)
     qw.calibrate(model, batches, progress, _max_across_ranks)
-    out = {m: 0.0 for g in groups for m in g.modules}
+    head, placeholders = model.get_output_embeddings(), placeholder_ids(model.config)
+    sums = torch.zeros(len(groups), dtype=torch.float64, device=head.weight.device)
     recorded: dict[nn.Module, object] = {}
     blocks, always = list(layers or []), [vision] if vision is not None else []
     for batch in progress(batches, "scoring (KL, one forward per group)"):
         inputs = model_inputs(batch)
-        mask = batch["attention_mask"].bool()
+        text = counted_positions(batch, placeholders)[0]
         handles = [m.register_forward_hook(lambda mod, _a, o: recorded.__setitem__(mod, copy.copy(o)))
                    for m in blocks + always]
         try:
-            ref = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
+            hidden = _text_hidden(model, inputs, text)
         finally:
             for h in handles:
                 h.remove()
-        for g in groups:
+        ref = torch.cat([_logits(head, hidden[k:k + SLICE]) for k in range(0, hidden.shape[0], SLICE)])
+        del hidden
+        for i, g in enumerate(groups):
             # a module not called in the BF16 pass (the vision tower on a text-only batch) is not replayed
             skip = {m: recorded[m] for m in blocks[:g.block] + always if m in recorded}
             with _fp8_group(qw, g), _replayed(skip):
-                logq = F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)[mask]
-            out[g.modules[0]] += float(F.kl_div(logq, ref, reduction="sum", log_target=True))
+                sums[i] += _kl_sum(head, _text_hidden(model, inputs, text), ref)
         recorded.clear()
-    names = list(out)
-    summed = distributed.all_reduce([torch.tensor(out[n], dtype=torch.float64) for n in names])
-    return {n: float(v) for n, v in zip(names, summed)}
+    summed = distributed.all_reduce([s for s in sums.cpu()])
+    return {m: (float(summed[i]) if m == g.modules[0] else 0.0) for i, g in enumerate(groups) for m in g.modules}
 
 
 __all__ = ["frozen_weights_with_input_grads", "gradient_scores", "kl_scores"]

@@ -14,7 +14,8 @@ from ..quant.numerics import FP8Format
 
 # Raised whenever the same settings would give other scores, so that cached scores of older code are not reused.
 # 2: batches carry mm_token_type_ids (M-RoPE positions); fp8_static uses the fused groups' shared scales.
-SCORING_VERSION = 2
+# 3: the KL method sums over the text positions (as eval counts them), no longer over every attended position.
+SCORING_VERSION = 3
 
 
 class AutoQuantSettings(BaseModel):
