@@ -34,7 +34,7 @@ def parity_samples():
 
 @pytest.fixture(scope="session")
 def live_checked(check_run, parity_samples):
-    """`fp8mix check` with the live vLLM check: the BF16 source and each scheme served by vLLM once (six engine
+    """`fp8mix check` with the live vLLM check: the BF16 source and each scheme served by vLLM once (seven engine
     starts), the parity samples served on the same engines. The live tests and the served parity tests share it."""
     from .check_helpers import PARITY_REPLY_TOKENS
     from fp8mix.check.fidelity import sample_requests

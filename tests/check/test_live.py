@@ -1,6 +1,6 @@
 """Live vLLM check of every scheme of the embedded model, on vLLM's CPU build (.venv-vllm, built by make).
 
-Engine starts: the BF16 source and the five schemes once each (the `live_checked` fixture, shared with the served
+Engine starts: the BF16 source and the six schemes once each (the `live_checked` fixture, shared with the served
 parity tests), one for the checkpoint with a doubled weight scale, one for the broken vision regex.
 """
 

@@ -181,10 +181,98 @@ def check_static(folder: Path, plan: dict, model: nn.Module, adapter: FamilyAdap
         lost = sorted(set(plan["fp8_modules"]) - fp8_on_disk)
         failures.append(f"checkpoint FP8 layers differ from the plan: {len(extra)} extra, {len(lost)} missing")
 
+    # 6. an FP8 KV cache: a kv_cache_scheme vLLM accepts and a usable k_scale/v_scale for every attention layer
+    kv_facts = _check_kv_cache(folder, qc, method, meta, layout, adapter, plan, failures)
+
     for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if not (folder / name).is_file():
             failures.append(f"{name} is missing: vLLM needs it to serve images and chat")
     facts = {"quant_method": method, "strategy": strategy, "dynamic_activations": dynamic,
-             "fp8_linears": len(fp8_on_disk), "ignore_entries": len(entries)}
+             "fp8_linears": len(fp8_on_disk), "ignore_entries": len(entries), **kv_facts}
     failures = list(dict.fromkeys(failures))
     return {"ok": not failures, "failures": failures, "warnings": warnings, "facts": facts}
+
+
+KV_SCHEME = {"type": "float", "num_bits": 8, "symmetric": True, "dynamic": False, "strategy": "tensor"}
+
+
+def _check_kv_cache(folder: Path, qc: dict, method: str, meta: dict, layout: ModelLayout, adapter: FamilyAdapter, plan: dict,
+                    failures: list[str]) -> dict:
+    """vLLM's CompressedTensorsKVCacheMethod takes float 8-bit symmetric scales (tensor or attn_head strategy);
+    fp8mix writes static per-tensor ones. It loads ``<attention>.k_scale``/``v_scale`` (mapped to
+    ``.self_attn.attn.k_scale``) and runs an fp8_e4m3 cache when kv_cache_dtype is auto. A missing scale stays at
+    vLLM's placeholder (1.0, with only a warning); a non-positive one breaks its scale processing."""
+    scheme = qc.get("kv_cache_scheme")
+    attn = [g.name.rsplit(".", 1)[0] for g in layout.groups if g.kind == "qkv"]
+    stored = sorted(k for k in meta if k.endswith((".k_scale", ".v_scale")))
+    wants = plan.get("kv_cache")
+    if scheme is None:
+        if wants == "fp8":
+            failures.append("the plan asks for an FP8 KV cache but config.json has no kv_cache_scheme")
+        if stored:
+            failures.append(f"{len(stored)} k_scale/v_scale tensors but no kv_cache_scheme: vLLM would ignore them "
+                            "unless told kv_cache_dtype=fp8")
+        return {"kv_cache": None}
+    if method != "compressed-tensors":
+        failures.append("kv_cache_scheme is a compressed-tensors key; this checkpoint is " + str(method))
+    if wants != "fp8":
+        failures.append("config.json declares a kv_cache_scheme the plan does not ask for")
+    if not isinstance(scheme, dict):
+        failures.append(f"kv_cache_scheme is {type(scheme).__name__}, not a mapping")
+        return {"kv_cache": "invalid"}
+    for key, want in KV_SCHEME.items():
+        if scheme.get(key) != want:
+            failures.append(f"kv_cache_scheme.{key} is {scheme.get(key)!r}; vLLM's FP8 KV cache with per-layer "
+                            f"scales needs {want!r}")
+    seen = set()
+    for a in attn:
+        base = adapter.to_disk(a)
+        for kind in ("k_scale", "v_scale"):
+            name = f"{base}.{kind}"
+            seen.add(name)
+            m = meta.get(name)
+            if m is None:
+                failures.append(f"{name} is missing: vLLM would run that layer's FP8 KV cache with scale 1.0")
+                continue
+            dtype, shape = m
+            if dtype != "F32" or shape not in ([1], []):
+                failures.append(f"{name} is {dtype} {shape}; expected one float32 value [1]")
+    extra = sorted(set(stored) - seen)
+    if extra:
+        failures.append(f"{len(extra)} k_scale/v_scale tensors belong to no LM attention layer (first: {extra[0]})")
+    present = [n for n in sorted(seen) if n in meta]
+    for name, value in _scale_values(folder, present).items():
+        if not (math.isfinite(value) and value > 0.0):
+            failures.append(f"{name} is {value}: a KV-cache scale must be finite and positive")
+    return {"kv_cache": "fp8", "kv_scales": len(present)}
+
+
+def _scale_values(folder: Path, names: list[str]) -> dict[str, float]:
+    """The values of the one-element tensors ``names``, read from the checkpoint's files."""
+    want, out = set(names), {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                if k in want:
+                    out[k] = float(fh.get_tensor(k).float().reshape(-1)[0])
+    return out
+
+
+def cpu_fp8_kv_cache_reason(head_dim: int) -> str | None:
+    """Why vLLM's CPU build cannot run an fp8 KV cache on this machine, or None when it can: its CPU attention
+    (v1/attention/backends/cpu_attn.py, _get_attn_isa) needs x86 AVX-512 or AMX, and a head size divisible by 32."""
+    if head_dim % 32:
+        return f"vLLM's CPU build runs an FP8 KV cache only for head sizes divisible by 32 (this model: {head_dim})"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if not flags & {"avx512f", "amx_tile"}:
+        return "vLLM's CPU build runs an FP8 KV cache only on x86 CPUs with AVX-512 or AMX; this CPU has neither"
+    return None
+
+
+def kv_head_dim(model: nn.Module, layout: ModelLayout) -> int:
+    """The head size of the LM attention (what vLLM's KV cache stores per head)."""
+    attn = model.get_submodule(next(g.name.rsplit(".", 1)[0] for g in layout.groups if g.kind == "qkv"))
+    return int(attn.head_dim)

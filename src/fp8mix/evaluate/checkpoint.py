@@ -1,9 +1,12 @@
 """Run an exported checkpoint in fp8mix's FP8 numerics: every FP8 layer becomes an FP8Linear holding the
 checkpoint's own FP8 weight and scales (so evaluation measures the bytes vLLM serves, with activations quantized
-the way vLLM's kernels do); every other tensor is the checkpoint's as stored."""
+the way vLLM's kernels do); with an FP8 KV cache (``kv_cache_scheme`` and per-layer ``k_scale``/``v_scale``) every
+LM attention layer attends over its post-RoPE keys and values as vLLM reads them back from the fp8 cache
+(``quant.kv_cache``); every other tensor is the checkpoint's as stored."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -14,9 +17,11 @@ from torch import nn
 
 from ..errors import FP8MixError
 from ..models import FamilyAdapter
+from ..quant.kv_cache import kv_cache_quantized
 from ..quant.numerics import FP8_DTYPE, FP8Format, FP8Linear
 
 SCALE_SUFFIXES = (".weight_scale", ".input_scale")
+KV_SUFFIXES = (".k_scale", ".v_scale")
 
 
 def fp8_format_of(weight_scale: torch.Tensor, weight: torch.Tensor, has_input_scale: bool) -> FP8Format:
@@ -42,6 +47,7 @@ def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter) -> It
     params = dict(model.named_parameters())
     swapped: dict[str, nn.Module] = {}
     overwritten: dict[str, torch.Tensor] = {}
+    kv: dict[str, dict[str, torch.Tensor]] = {}   # attention module -> {"k_scale", "v_scale"}
     try:
         with ExitStack() as stack:
             handles = [stack.enter_context(safe_open(f, "pt")) for f in files]
@@ -50,6 +56,10 @@ def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter) -> It
                 if disk.endswith(SCALE_SUFFIXES):
                     continue
                 name = adapter.to_memory(disk)
+                if disk.endswith(KV_SUFFIXES):
+                    mod_name, _, kind = name.rpartition(".")
+                    kv.setdefault(mod_name, {})[kind] = fh.get_tensor(disk).to(torch.float32).reshape(1)
+                    continue
                 if fh.get_slice(disk).get_dtype() == "F8_E4M3":
                     mod_name = name.rsplit(".", 1)[0]
                     base = disk.rsplit(".", 1)[0]
@@ -77,7 +87,11 @@ def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter) -> It
                 elif not name.endswith("_zero_point"):
                     raise FP8MixError(f"{folder}: tensor {disk} matches no parameter of the model")
         # an FP8 layer's bias is checked above against the BF16 Linear's, which the FP8Linear shares
-        yield sorted(swapped)
+        with ExitStack() as stack:
+            scales = _kv_scales(folder, kv)
+            if scales:
+                stack.enter_context(kv_cache_quantized(model, scales))
+            yield sorted(swapped)
     finally:
         for mod_name, linear in swapped.items():
             parent, _, child = mod_name.rpartition(".")
@@ -85,6 +99,25 @@ def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter) -> It
         with torch.no_grad():
             for name, old in overwritten.items():
                 params[name].copy_(old)
+
+
+def _kv_scales(folder: Path, kv: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The checkpoint's KV-cache scales by attention module; none unless config.json declares a kv_cache_scheme
+    (vLLM then runs an fp8 cache by default), which then needs both scales of every layer that has any."""
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    declared = qc.get("kv_cache_scheme") is not None
+    if not declared:
+        if kv:
+            raise FP8MixError(f"{folder}: k_scale/v_scale tensors but no kv_cache_scheme in config.json; "
+                              "re-export the scheme")
+        return {}
+    if not kv:
+        raise FP8MixError(f"{folder}: config.json declares a kv_cache_scheme but the checkpoint has no k_scale/"
+                          "v_scale tensors; re-export the scheme")
+    half = sorted(m for m, d in kv.items() if set(d) != {"k_scale", "v_scale"})
+    if half:
+        raise FP8MixError(f"{folder}: {half[0]} has only one of k_scale and v_scale")
+    return {m: (d["k_scale"], d["v_scale"]) for m, d in sorted(kv.items())}
 
 
 def checkpoint_bytes(folder: Path, adapter: FamilyAdapter, lm_linears: set[str]) -> tuple[int, int]:

@@ -10,7 +10,11 @@ the side files into a folder swapped in atomically, ``marker`` records what was 
   ``weight_scale`` [1] and ``input_scale`` [1], one of each per fused group, so vLLM, which runs a fused layer
   with one per-tensor scale, has nothing to requantize;
 * ``config.json``'s ``quantization_config``: compressed-tensors' own serialization of one config group targeting
-  ``Linear``, whose ``ignore`` is the plan's ``ignore`` list exactly.
+  ``Linear``, whose ``ignore`` is the plan's ``ignore`` list exactly;
+* a plan with ``kv_cache: fp8``: ``kv_cache_scheme`` (float, 8 bits, symmetric, static, ``tensor``: what vLLM's
+  ``CompressedTensorsKVCacheMethod`` accepts, and what makes it run an fp8_e4m3 cache when the user leaves
+  ``kv_cache_dtype`` on auto) and, per LM attention layer, ``<layer>.self_attn.k_scale`` and ``v_scale``, float32
+  [1], named as compressed-tensors saves them (vLLM maps ``.k_scale`` to ``.self_attn.attn.k_scale``).
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ from pathlib import Path
 
 import torch
 
-from ..quant.numerics import FP8Format, scheme_for
+from ..errors import FP8MixError
+from ..quant.kv_cache import KVScales, attention_modules, calibrate_kv_scales
+from ..quant.numerics import FP8Format, kv_cache_args, scheme_for
 from .folder import check_ignore, staged_dir, write_config, write_side_files
 from .marker import write_marker
-from .prepare import plan_format, quantize_plan
-from .source import source_of
+from .prepare import plan_format, plan_kv_cache, quantize_plan
+from .source import Source, load_for_calibration, source_of
 from .tensors import write_tensors
 
-__all__ = ["FORMAT", "export_checkpoint", "quantization_config"]
+__all__ = ["FORMAT", "export_checkpoint", "kv_scale_tensors", "quantization_config"]
 
 FORMAT = "compressed-tensors"
 
@@ -37,7 +43,8 @@ def quantization_config(plan: dict) -> dict:
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     fmt = plan_format(plan)
-    qcfg = QuantizationConfig(config_groups={"group_0": scheme_for(fmt, targets=["Linear"])},
+    kv = kv_cache_args() if plan_kv_cache(plan) == "fp8" else None
+    qcfg = QuantizationConfig(config_groups={"group_0": scheme_for(fmt, targets=["Linear"])}, kv_cache_scheme=kv,
                               ignore=list(plan["ignore"]), format="float-quantized",
                               quantization_status=QuantizationStatus.COMPRESSED)
     # Exactly what ModelCompressor.update_config writes (compressed-tensors 0.20), without its model walk.
@@ -50,24 +57,55 @@ def _ct_scales(w_scale, x_scale, fmt):
     return w_scale, x_scale
 
 
+def kv_scale_tensors(src: Source, kv_scales: KVScales) -> dict[str, torch.Tensor]:
+    """The KV-cache scales as stored: ``<attention module on disk>.k_scale`` / ``.v_scale``, float32 [1], for every
+    LM attention layer of the model (one missing is an error)."""
+    mods = attention_modules(src.layout)
+    missing = [m for m in mods if m not in kv_scales]
+    if missing:
+        raise FP8MixError(f"no KV-cache scales for {missing[0]} ({len(missing)} of {len(mods)} attention layers)")
+    out = {}
+    for m in mods:
+        base = src.adapter.to_disk(m)
+        for kind, t in zip(("k_scale", "v_scale"), kv_scales[m]):
+            t = t.detach().to("cpu", torch.float32).reshape(1)
+            if not bool(torch.isfinite(t).all()) or float(t) <= 0.0:
+                raise FP8MixError(f"the {kind} of {m} is {float(t)}; a KV-cache scale must be finite and positive")
+            out[f"{base}.{kind}"] = t.clone()
+    return out
+
+
 def export_checkpoint(loaded_or_model_path, plan: dict, out_dir: Path, calib_batches: list[dict] | None = None,
                       *, input_scales: dict[str, torch.Tensor] | None = None, calibration: dict | None = None,
-                      progress=None) -> Path:
+                      kv_scales: KVScales | None = None, progress=None) -> Path:
     """Write ``plan`` as a compressed-tensors checkpoint at ``out_dir`` (replaced atomically).
 
     ``loaded_or_model_path``: a LoadedModel (its folder's files are the source; its model calibrates
     fp8_static), or a model folder / hub id / None (embedded). ``calib_batches``: model inputs for fp8_static's
     input scales (see score.batches.make_batches), or ``input_scales`` already calibrated for (at least) the
-    plan's FP8 modules; ``calibration``: a description of the calibration data for fp8mix_plan.json.
+    plan's FP8 modules; ``calibration``: a description of the calibration data for fp8mix_plan.json. A plan with
+    ``kv_cache: fp8`` takes ``kv_scales`` (quant.kv_cache.calibrate_kv_scales) or calibrates them on
+    ``calib_batches``.
     """
     src = source_of(loaded_or_model_path)
     fmt = plan_format(plan)
     quant = quantize_plan(src, plan, calib_batches, progress, input_scales)
+    extra = None
+    if plan_kv_cache(plan) == "fp8":
+        if kv_scales is None:
+            if not calib_batches:
+                raise FP8MixError(f"plan {plan['scheme']!r} has an FP8 KV cache: its k/v scales need calibration "
+                                  "batches")
+            if src.model is None:
+                load_for_calibration(src)
+            kv_scales = calibrate_kv_scales(src.model, attention_modules(src.layout), calib_batches)
+        extra = kv_scale_tensors(src, kv_scales)
+    calibrated = fmt is FP8Format.fp8_static or extra is not None
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
-        summary = write_tensors(src, quant, fmt, tmp, _ct_scales)
+        summary = write_tensors(src, quant, fmt, tmp, _ct_scales, extra)
         write_config(src, tmp, quantization_config(plan))
         check_ignore(tmp, plan["ignore"])
         write_side_files(src, tmp)
-        write_marker(tmp, src, plan, FORMAT, calibration if fmt is FP8Format.fp8_static else None, summary)
+        write_marker(tmp, src, plan, FORMAT, calibration if calibrated else None, summary)
     return out_dir

@@ -38,7 +38,7 @@ from ..errors import FP8MixError
 from ..quant.numerics import FP8Format
 from .folder import check_ignore, staged_dir, write_config, write_side_files
 from .marker import write_marker
-from .prepare import plan_format, quantize_plan
+from .prepare import plan_format, plan_kv_cache, quantize_plan
 from .source import Source, source_of
 from .tensors import write_tensors
 
@@ -49,6 +49,9 @@ QUANT_ALGOS = {FP8Format.fp8_dynamic: "FP8_PER_CHANNEL_PER_TOKEN", FP8Format.fp8
 
 
 def quant_algo(plan: dict) -> str:
+    if plan_kv_cache(plan) is not None:
+        raise FP8MixError(f"plan {plan.get('scheme')!r} has an FP8 KV cache, which fp8mix writes only as "
+                          "compressed-tensors (kv_cache_scheme + k_scale/v_scale); export it as compressed-tensors")
     fmt = plan_format(plan)
     if fmt not in QUANT_ALGOS:
         raise FP8MixError(f"plan {plan.get('scheme')!r} is {fmt.value}, which fp8mix does not write as ModelOpt "

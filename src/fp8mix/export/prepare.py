@@ -21,7 +21,7 @@ from ..quant.numerics import BLOCK, FP8Format, compute_weight_scale
 from ..quant.scales import calibrate_input_scales, share_group_scales
 from .source import Source, iter_tensors, load_for_calibration, memory_name
 
-__all__ = ["QuantizedModule", "check_plan", "plan_format", "quantize_plan"]
+__all__ = ["KV_CACHE_FORMATS", "QuantizedModule", "check_plan", "plan_format", "plan_kv_cache", "quantize_plan"]
 
 
 @dataclass
@@ -42,6 +42,18 @@ def plan_format(plan: dict) -> FP8Format:
     except ValueError:
         raise FP8MixError(f"plan {plan.get('scheme')!r} has an unknown fp8_format {plan.get('fp8_format')!r}; "
                           f"use one of {[f.value for f in FP8Format]}") from None
+
+
+KV_CACHE_FORMATS = ("fp8",)
+
+
+def plan_kv_cache(plan: dict) -> str | None:
+    """The plan's KV-cache format: "fp8" (calibrated per-layer k/v scales, an e4m3 cache) or None (model dtype)."""
+    kv = plan.get("kv_cache")
+    if kv is not None and kv not in KV_CACHE_FORMATS:
+        raise FP8MixError(f"plan {plan.get('scheme')!r} has an unknown kv_cache {kv!r}; use one of "
+                          f"{list(KV_CACHE_FORMATS)} or none")
+    return kv
 
 
 # ---- the plan against the model --------------------------------------------------------------------------------

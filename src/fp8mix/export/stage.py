@@ -18,11 +18,12 @@ from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, console, model_arg, overrides, progress, require_run
 from ..rundir import read_json
 from ..quant.numerics import FP8Format
+from ..quant.kv_cache import attention_modules, calibrate_kv_scales
 from ..quant.scales import calibrate_input_scales
 from .compressed_tensors import export_checkpoint
 from .marker import EXPORT_VERSION, export_key, read_marker
 from .modelopt import export_modelopt, quant_algo
-from .prepare import plan_format
+from .prepare import plan_format, plan_kv_cache
 from .source import source_of
 
 FORMATS = {"compressed-tensors": ("", export_checkpoint), "modelopt": ("-modelopt", export_modelopt)}
@@ -64,11 +65,16 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
     require_run(opts.run)
     plans = _plans(opts.run, scheme)
     if fmt == "modelopt":
-        refused = [n for n, p in plans.items() if plan_format(p) is FP8Format.fp8_block]
+        refused = {}
+        for n, p in plans.items():
+            try:
+                quant_algo(p)
+            except FP8MixError as exc:
+                refused[n] = exc
         if scheme is not None and refused:
-            quant_algo(plans[scheme])  # raises the clear error
-        for n in refused:
-            console.print(f"export {n}: skipped, fp8_block has no ModelOpt format (export it as compressed-tensors)")
+            raise refused[scheme]
+        for n, exc in refused.items():
+            console.print(f"export {n}: skipped ({exc})")
             plans.pop(n)
     catalog, _ = catalog_of(opts)
     arg = model_arg(opts)
@@ -79,7 +85,7 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
     for name, plan in plans.items():
         dest = checkpoint_dir(opts.run, name, fmt)
         calib = None
-        if plan_format(plan) is FP8Format.fp8_static:
+        if plan_format(plan) is FP8Format.fp8_static or plan_kv_cache(plan) is not None:
             calib = _calibration(opts, catalog, name).model_dump(mode="json")
         key = export_key(plan, fmt, fingerprint, calib)
         marker = read_marker(dest) if dest.is_dir() else None
@@ -100,10 +106,11 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
         loaded = None
         writer = FORMATS[fmt][1]
         scales_cache: dict[str, dict] = {}   # calibration key -> input scales of every LM linear
+        kv_cache: dict[str, dict] = {}       # calibration key -> KV-cache scales of every attention layer
         for name in progress(list(todo), f"exporting {len(todo)} checkpoint(s) ({fmt})"):
             plan, dest, calib = todo[name]
             t = time.time()
-            scales = None
+            scales = kv_scales = None
             if calib is not None:
                 if loaded is None:
                     tl = time.time()
@@ -113,15 +120,22 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
                     timings["load_s"] = round(time.time() - tl, 2)
                 settings = _calibration(opts, catalog, name)
                 k = settings.key(fingerprint)
-                if k not in scales_cache:
+                static = plan_format(plan) is FP8Format.fp8_static
+                kv = plan_kv_cache(plan) is not None
+                if (static and k not in scales_cache) or (kv and k not in kv_cache):
                     torch.manual_seed(settings.seed)
                     batches, _, _ = calibration_batches(loaded.processor, settings, opts.device)
-                    linears = [m for g in loaded.layout.groups for m in g.modules]
                     tc = time.time()
-                    scales_cache[k] = calibrate_input_scales(loaded.model, linears, batches)
+                    if static and k not in scales_cache:
+                        linears = [m for g in loaded.layout.groups for m in g.modules]
+                        scales_cache[k] = calibrate_input_scales(loaded.model, linears, batches)
+                    if kv and k not in kv_cache:
+                        kv_cache[k] = calibrate_kv_scales(loaded.model, attention_modules(loaded.layout), batches)
                     timings[f"calibrate_{k}_s"] = round(time.time() - tc, 2)
-                scales = scales_cache[k]
-            writer(loaded if calib is not None else src, plan, dest, input_scales=scales, calibration=calib)
+                scales = scales_cache.get(k) if static else None
+                kv_scales = kv_cache.get(k) if kv else None
+            kw = {"kv_scales": kv_scales} if kv_scales is not None else {}
+            writer(loaded if calib is not None else src, plan, dest, input_scales=scales, calibration=calib, **kw)
             seconds = round(time.time() - t, 2)
             record[name] = {"path": str(dest), "seconds": seconds, "skipped": False}
             console.print(f"export {name}: wrote {dest} in {seconds:.1f} s")

@@ -32,8 +32,9 @@ def shard_names(n: int) -> list[str]:
 
 
 def write_tensors(src: Source, quant: dict[str, QuantizedModule], fmt: FP8Format, out_dir: Path,
-                  scale_layout: ScaleLayout) -> dict:
-    """Stream the source shards into out_dir (ShardWriter holds one tensor). Returns a summary."""
+                  scale_layout: ScaleLayout, extra: dict[str, torch.Tensor] | None = None) -> dict:
+    """Stream the source shards into out_dir (ShardWriter holds one tensor). ``extra``: tensors that are not the
+    source's (e.g. KV-cache scales) by on-disk name, written into the last shard. Returns a summary."""
     adapter = src.adapter
     shard, writer = None, None
     weight_map, total, seen, cast = {}, 0, set(), []
@@ -76,6 +77,11 @@ def write_tensors(src: Source, quant: dict[str, QuantizedModule], fmt: FP8Format
                 cast.append(f"{key}: {t.dtype}")
                 t = t.to(torch.bfloat16)
             writer.add(disk, t)
+        names.append(disk)
+    for disk, t in sorted((extra or {}).items()):
+        if disk in weight_map or disk in writer:
+            raise FP8MixError(f"{disk} is already a tensor of the source checkpoint")
+        writer.add(disk, t)
         names.append(disk)
     flush()
     missing = sorted(set(quant) - seen)

@@ -56,6 +56,9 @@ class Scheme(BaseModel):
     fp8_format: FP8Format | None = None
     autoquant: AutoQuantOverrides = AutoQuantOverrides()
     target_effective_bits: float | None = Field(None, ge=8.0, le=16.0)
+    # "fp8": the checkpoint declares an FP8 (e4m3) KV cache with calibrated per-layer k/v scales
+    # (compressed-tensors kv_cache_scheme); absent: the KV cache stays in the model dtype
+    kv_cache: Literal["fp8"] | None = None
 
 
 class Defaults(BaseModel):

@@ -60,6 +60,8 @@ def plan_scheme(name: str, catalog: Catalog, sens: dict) -> dict:
     # when it reloads the checkpoint without dequantizing); the vision tower by a regex that matches in every naming.
     ignore = sorted({facts["disk_names"][m] for m in bf16_modules} | set(bf16_modules)) + list(facts["always_ignore"])
     by_name = {g["name"]: g for g in groups}
+    # the KV-cache key only where a scheme asks for one: plans of the other schemes keep their bytes
+    kv = {"kv_cache": scheme.kv_cache} if scheme.kv_cache is not None else {}
     return {
         "scheme": name,
         "catalog_version": catalog.version,
@@ -84,4 +86,5 @@ def plan_scheme(name: str, catalog: Catalog, sens: dict) -> dict:
         "effective_bits": 16.0 - 8.0 * fp8_params / total,
         "target_effective_bits": catalog.target_bits(name),
         "predicted_loss_increase": sum(by_name[g]["score"] for g in sorted(fp8_groups)),
+        **kv,
     }

@@ -25,6 +25,13 @@ so ``quantize_input`` follows vLLM's kernels (float32 absmax, scale floors,
 division vs. reciprocal) rather than compressed-tensors' HF-side emulation, which
 computes the scale in the activation dtype, and, for 2-D inputs with the
 ``token`` strategy, uses one scale for the whole tensor.
+
+FP8 KV cache (compressed-tensors ``kv_cache_scheme``: float, 8 bits, symmetric,
+static, ``tensor`` strategy): one float32 ``k_scale`` [1] and ``v_scale`` [1] per
+attention layer = absmax / 448 of the post-RoPE keys / the values over the
+calibration data (``kv_cache_scale``). vLLM writes the cache as
+``fp8(float32(x) / scale)`` (saturating, round to nearest even) and reads it as
+``float32(fp8) * scale`` (``quantize_kv``, ``fake_quant_kv``).
 """
 
 from __future__ import annotations
@@ -65,6 +72,10 @@ __all__ = [
     "quantize_input",
     "fake_quant_input",
     "fp8_linear_forward",
+    "kv_cache_args",
+    "kv_cache_scale",
+    "quantize_kv",
+    "fake_quant_kv",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -440,3 +451,33 @@ class FP8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt.value}"
+
+
+# ---- FP8 KV cache ------------------------------------------------------------------------------------------------
+
+def kv_cache_args() -> QuantizationArgs:
+    """compressed-tensors' ``kv_cache_scheme`` that vLLM accepts: float, 8 bits, symmetric, static, per tensor."""
+    return QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
+
+
+def kv_cache_scale(absmax: torch.Tensor | float) -> torch.Tensor:
+    """``k_scale`` / ``v_scale`` from a calibrated absmax: float32 [1] = absmax / 448 (compressed-tensors'
+    ``calculate_qparams`` on the ``kv_cache_scheme`` args; an all-zero calibration gives the float32 eps)."""
+    a = torch.as_tensor(absmax, dtype=torch.float32).detach().abs().amax().reshape(1)
+    scale, _ = calculate_qparams(-a, a, kv_cache_args())
+    return scale.reshape(1)
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """What vLLM writes into an fp8_e4m3 KV cache: fp8(float32(x) / scale), saturated to +-448, round to nearest
+    even (``scaled_convert`` in vLLM's cache kernels). ``scale`` is the layer's per-tensor k_scale or v_scale."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
+    if not bool(torch.isfinite(s)) or float(s) <= 0.0:
+        raise FP8MixError(f"a KV-cache scale must be finite and positive, got {float(s)}")
+    return (x.detach().to(torch.float32) / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fake_quant_kv(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Keys or values as vLLM reads them back from an fp8 KV cache: float32(fp8) * scale, in x's dtype."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
+    return (quantize_kv(x, s).to(torch.float32) * s).to(x.dtype)
