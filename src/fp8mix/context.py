@@ -55,8 +55,14 @@ def model_arg(opts: RunOptions) -> str | None:
 
 
 def overrides(opts: RunOptions) -> dict:
-    """Scoring overrides: those recorded by earlier stages of this run, updated with the ones passed now."""
-    return {**manifest.load(opts.run).get("score_overrides", {}), **opts.score_overrides}
+    """Scoring overrides: those recorded by earlier stages of this run, updated with the ones passed now. Without
+    --data, the built-in data suited to the model (data.sources.default_source)."""
+    from .data.sources import default_source
+    from .models.loading import EMBEDDED_ID
+
+    over = {**manifest.load(opts.run).get("score_overrides", {}), **opts.score_overrides}
+    over.setdefault("data", default_source(model_arg(opts) in (None, "embedded", EMBEDDED_ID)))
+    return over
 
 
 def catalog_of(opts: RunOptions) -> tuple[Catalog, Path]:

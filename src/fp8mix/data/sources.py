@@ -17,6 +17,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 EMBEDDED = "embedded"
 # Share of each embedded source in calibration: mostly the image task, plus real photos and real text.
 EMBEDDED_MIX = (("shapes", 0.70), ("photos", 0.15), ("text", 0.15))
+REAL = "real"
+# The built-in data for real models: photos at their own resolution with long descriptions, documentation topics
+# explained and continued at length (data/real.py).
+REAL_MIX = (("photos", 0.50), ("docs", 0.25), ("continue", 0.25))
+
+
+def default_source(embedded_model: bool) -> str:
+    """The data when --data is not given: the embedded model's own mix (its shapes task is what it was trained
+    on), and real photos and text at realistic size for every other model."""
+    return EMBEDDED if embedded_model else REAL
 
 
 def embedded(split: str, n: int, seed: int = 0) -> list[ChatSample]:
@@ -34,6 +44,14 @@ def embedded(split: str, n: int, seed: int = 0) -> list[ChatSample]:
         else:
             out.append(real.text_sample(split, base + i))
     return out
+
+
+def real_mix(split: str, n: int, seed: int = 0) -> list[ChatSample]:
+    """n samples of the real-model mix. Different seeds draw different samples of the same split."""
+    rng = random.Random(f"fp8mix-real:{split}:{seed}")
+    kinds = [name for name, share in REAL_MIX for _ in range(round(share * 100))]
+    make = {"photos": real.described_photo_sample, "docs": real.doc_sample, "continue": real.continuation_sample}
+    return [make[rng.choice(kinds)](split, rng) for _ in range(n)]
 
 
 def _open_image(path: Path, where: str) -> Image.Image:
@@ -145,11 +163,14 @@ def hf_dataset(name: str, split: str = "train", limit: int | None = None) -> lis
 
 
 def load(source: str, split: str, n: int, seed: int = 0, shared: bool = True) -> list[ChatSample]:
-    """Up to n samples of `split` from `source`: 'embedded', a .jsonl file, an image folder or 'hf:NAME[:SPLIT]'.
+    """Up to n samples of `split` from `source`: 'embedded', 'real', a .jsonl file, an image folder or
+    'hf:NAME[:SPLIT]'.
 
     `shared`: the source serves both calibration and evaluation, so each gets its own part of it."""
     if source == EMBEDDED:
         return embedded(split, n, seed)
+    if source == REAL:
+        return real_mix(split, n, seed)
     if source.startswith("hf:"):
         name, _, hf_split = source[3:].partition(":")
         samples = hf_dataset(name, hf_split or "train")
@@ -160,8 +181,8 @@ def load(source: str, split: str, n: int, seed: int = 0, shared: bool = True) ->
         elif path.suffix == ".jsonl" or path.is_file():
             samples = jsonl(path)
         else:
-            raise FP8MixError(f"data source {source} not found; pass 'embedded', a .jsonl file, an image folder "
-                              "or hf:NAME")
+            raise FP8MixError(f"data source {source} not found; pass 'embedded', 'real', a .jsonl file, an image "
+                              "folder or hf:NAME")
     if not shared:
         order = list(range(len(samples)))
         random.Random(f"fp8mix-calib:{seed}").shuffle(order)
