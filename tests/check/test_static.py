@@ -57,3 +57,43 @@ def test_missing_processor_file_is_caught(check_run, skeleton, tmp_path):
     (bad / "preprocessor_config.json").unlink()
     res = check_static(bad, plan, net, adapter, layout)
     assert any("preprocessor_config.json is missing" in f for f in res["failures"])
+
+
+def test_fp8_kv_cache_scales_and_scheme_are_checked(check_run, skeleton, tmp_path):
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    net, adapter, layout = skeleton
+    name = "fp8_autoquant_full_kv"
+    src = check_run.run / "checkpoints" / name
+    plan = plan_of(check_run.run, name)
+    good = check_static(src, plan, net, adapter, layout)
+    assert good["ok"], good["failures"]
+    assert good["facts"]["kv_cache"] == "fp8" and good["facts"]["kv_scales"] == 2 * layout.n_blocks
+
+    def broken(tag, edit_tensors=None, edit_scheme=None):
+        dst = shutil.copytree(src, tmp_path / tag)
+        if edit_tensors:
+            f = dst / "model.safetensors"
+            t = load_file(f)
+            edit_tensors(t)
+            save_file(t, f, metadata={"format": "pt"})
+        if edit_scheme:
+            cfg = json.loads((dst / "config.json").read_text())
+            edit_scheme(cfg["quantization_config"])
+            (dst / "config.json").write_text(json.dumps(cfg))
+        return " | ".join(check_static(dst, plan, net, adapter, layout)["failures"])
+
+    assert "model.layers.1.self_attn.v_scale is missing" in broken(
+        "missing", lambda t: t.pop("model.layers.1.self_attn.v_scale"))
+    assert "model.layers.0.self_attn.k_scale is -1.0: a KV-cache scale must be finite and positive" in broken(
+        "negative", lambda t: t.__setitem__("model.layers.0.self_attn.k_scale", torch.tensor([-1.0])))
+    assert "model.layers.0.self_attn.k_scale is nan" in broken(
+        "nan", lambda t: t.__setitem__("model.layers.0.self_attn.k_scale", torch.tensor([float("nan")])))
+    assert "kv_cache_scheme.strategy is 'channel'" in broken(
+        "strategy", edit_scheme=lambda qc: qc["kv_cache_scheme"].__setitem__("strategy", "channel"))
+    assert "the plan asks for an FP8 KV cache but config.json has no kv_cache_scheme" in broken(
+        "undeclared", edit_scheme=lambda qc: qc.__setitem__("kv_cache_scheme", None))

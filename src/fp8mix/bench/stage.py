@@ -37,11 +37,12 @@ ENGINE = {"dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 
           "seed": 0, "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128,
                                                                         160, 192, 224, 256]}}
 # metric: which tokens per second a workload reports (prompt, output or both)
+# sized so that one model's three workloads x 3 repeats take well under a minute on an H200 at the 3B architecture
 WORKLOADS = {
-    "prefill_images": {"n": 128, "in_tokens": 512, "images": 1.0, "image_px": 448, "max_tokens": 1,
+    "prefill_images": {"n": 64, "in_tokens": 512, "images": 1.0, "image_px": 448, "max_tokens": 1,
                        "metric": "prompt_tok_s"},
-    "decode": {"n": 8, "in_tokens": 128, "max_tokens": 512, "images": 0.0, "metric": "output_tok_s"},
-    "mixed": {"n": 256, "in_tokens": 1024, "max_tokens": 256, "images": 0.25, "image_px": 448,
+    "decode": {"n": 8, "in_tokens": 128, "max_tokens": 256, "images": 0.0, "metric": "output_tok_s"},
+    "mixed": {"n": 128, "in_tokens": 1024, "max_tokens": 256, "images": 0.25, "image_px": 448,
               "metric": "total_tok_s"},
 }
 WARMUP = {"n": 16, "in_tokens": 256, "max_tokens": 16, "images": 0.25, "image_px": 448}
