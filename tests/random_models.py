@@ -75,7 +75,7 @@ def qwen3_vl_config(tie_word_embeddings=False, **text):
              rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [12, 10, 10],
                               "mrope_interleaved": True}, **special)
     t.update(text)
-    return Qwen3VLConfig(text_config=t, vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2,
+    return Qwen3VLConfig(text_config=t, vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                                                            out_hidden_size=t["hidden_size"], patch_size=16,
                                                            num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
                          tie_word_embeddings=tie_word_embeddings, **ids)

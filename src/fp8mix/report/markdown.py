@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import served as served_part
 from .figures import group_kinds
 from ..rundir import schema_version
 
@@ -22,8 +23,13 @@ EVAL_V2_FIELDS = ("kl_reply_mean", "kl_reply_p99", "top1_reply_agreement", "n_te
 
 
 def eval_rows(ev: dict) -> tuple[dict[str, dict], str]:
-    """eval.json's rows by scheme in the current shape, and what their kl_mean/top1_agreement average over.
-    In a v1 file those cover every non-padding position and `answer_accuracy` is the exact match."""
+    """eval.json's emulated rows by scheme in the current shape (the served rows where the eval ran vLLM only),
+    and what their kl_mean/top1_agreement average over. In a v1 file those cover every non-padding position and
+    `answer_accuracy` is the exact match."""
+    if schema_version(ev) >= 3:
+        emulated = {r["scheme"]: r for r in ev["rows"] if r["engine"] == "transformers"}
+        return emulated or {n: {**dict.fromkeys(("kl_mean", "kl_p99", "kl_reply_mean", "kl_reply_p99")), **r}
+                            for n, r in served_rows(ev).items()}, "text positions"
     if schema_version(ev) >= 2:
         return {r["scheme"]: r for r in ev["rows"]}, "text positions"
     rows = {}
@@ -31,6 +37,18 @@ def eval_rows(ev: dict) -> tuple[dict[str, dict], str]:
         rows[r["scheme"]] = {**dict.fromkeys(EVAL_V2_FIELDS), **r, "answer_accuracy": None,
                              "answer_exact_match": r["answer_accuracy"], "n_text_positions": r.get("n_tokens")}
     return rows, "every non-padding position"
+
+
+def served_rows(ev: dict) -> dict[str, dict]:
+    """eval.json's vLLM rows by scheme (none before v3, or where vLLM did not run)."""
+    if schema_version(ev) < 3:
+        return {}
+    return {r["scheme"]: r for r in ev["rows"] if r["engine"] == "vllm"}
+
+
+def _kl(r: dict) -> float:
+    """A row's mean KL: the full KL where the emulation ran, else the served top-k KL (a lower bound)."""
+    return r["kl_mean"] if r.get("kl_mean") is not None else r["kl_topk_mean"]
 
 
 def _num(x) -> float:
@@ -71,27 +89,38 @@ def _verdict(check: dict | None, part: str) -> str:
     return "pass" if res["ok"] else "FAIL: " + "; ".join((res.get("errors") or [res.get("reason", "")])[:2])
 
 
-def recommendations(rows: dict[str, dict], plans: dict[str, dict], checks: dict[str, dict]) -> dict:
+def recommendations(rows: dict[str, dict], plans: dict[str, dict], checks: dict[str, dict],
+                    served: dict[str, dict] | None = None) -> dict:
+    """Schemes to name. Where vLLM served the evaluation, its figures decide: answer accuracy as served against
+    BF16 as served, and no scheme whose served quality departs from its emulation."""
     bf16 = rows["bf16"]
-    ok = [n for n in plans if checks.get(n, {}).get("ok", False)]
+    served = served or {}
+    departed = served_part.flagged(rows, served)
+    passing = [n for n in plans if checks.get(n, {}).get("ok", False)]
+    ok = [n for n in passing if n not in departed]
 
     def acc_ok(n):
-        a, b = _num(rows[n]["answer_accuracy"]), _num(bf16["answer_accuracy"])
+        if served.get(n, {}).get("served") and served.get("bf16", {}).get("served"):
+            a, b = _num(served[n]["answer_accuracy"]), _num(served["bf16"]["answer_accuracy"])
+        else:
+            a, b = _num(rows[n]["answer_accuracy"]), _num(bf16["answer_accuracy"])
         return a != a or b != b or a >= b - ACC_TOLERANCE
 
-    safe = [n for n in ok if rows[n]["kl_mean"] <= KL_NEAR_LOSSLESS and acc_ok(n)]
-    smallest_safe = min(safe, key=lambda n: (plans[n]["effective_bits"], rows[n]["kl_mean"])) if safe else None
-    smallest = min(ok, key=lambda n: (plans[n]["effective_bits"], rows[n]["kl_mean"])) if ok else None
-    closest = min(ok, key=lambda n: rows[n]["kl_mean"]) if ok else None
+    safe = [n for n in ok if _kl(rows[n]) <= KL_NEAR_LOSSLESS and acc_ok(n)]
+    smallest_safe = min(safe, key=lambda n: (plans[n]["effective_bits"], _kl(rows[n]))) if safe else None
+    smallest = min(ok, key=lambda n: (plans[n]["effective_bits"], _kl(rows[n]))) if ok else None
+    closest = min(ok, key=lambda n: _kl(rows[n])) if ok else None
     return {"serve_default": smallest_safe, "smallest": smallest, "closest_to_bf16": closest,
-            "passing_checks": sorted(ok), "near_lossless": sorted(safe)}
+            "passing_checks": sorted(passing), "near_lossless": sorted(safe), "served_departs": departed,
+            "used_served_figures": bool(served)}
 
 
 def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict], ev: dict, manifest: dict,
            catalog_path: Path, figures: dict[str, str]) -> tuple[str, dict]:
     rows, positions = eval_rows(ev)
+    served = served_rows(ev)
     bf16 = rows["bf16"]
-    rec = recommendations(rows, plans, checks)
+    rec = recommendations(rows, plans, checks, served)
     study = sens.get("study")
     versions = manifest.get("versions", {})
     model = manifest.get("model", {})
@@ -107,6 +136,12 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         "schemes derived from that one scoring pass: their coverage, their quality against BF16 on held-out data, "
         "and whether vLLM loads and runs them. It weighs the comparison above naming a single winner.\n")
     add(f"- Schemes: {len(plans)}; passing every vLLM check: {len(rec['passing_checks'])}.")
+    n_served = sum(1 for n, r in served.items() if n != "bf16" and r.get("served"))
+    if served:
+        departs = rec["served_departs"]
+        add(f"- Served by vLLM and compared with the emulation: {n_served} of {len(plans)}; "
+            + (f"**served quality departs from the emulation for {', '.join(departs)}** (see Served quality)."
+               if departs else "every served scheme within the noise between the engines."))
     if rec["serve_default"]:
         r = rows[rec["serve_default"]]
         add(f"- Smallest near-lossless scheme: **{rec['serve_default']}** ({_fmt(plans[rec['serve_default']]['effective_bits'], '.2f')} "
@@ -124,6 +159,9 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     add("## Setup\n")
     add("| | |\n|---|---|")
     add(f"| model | `{sens['model']}` ({model.get('fingerprint', '')[:12]}) |")
+    layout = sens.get("model_layout", {})
+    if layout.get("family"):
+        add(f"| family | {layout['family']} (`{layout.get('architecture', '')}`) |")
     add(f"| LM blocks | {sens['n_blocks']} ({len(sens['groups'])} fused linear groups: qkv, o, gate_up, down) |")
     add("| always BF16 | vision tower, embeddings, lm_head |")
     add(f"| calibration | {cal['source']}: {_count(cal['n_samples'], 'sample')}, {_count(cal['n_tokens'], 'token')}, "
@@ -233,6 +271,8 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
                 f"{c['autoquant_beats_random']}/{len(c['random'])} random | {c['first_k']:.3g} | {c['last_k']:.3g} |")
         add("")
 
+    L.extend(served_part.section(rows, served, ev.get("top_k", 0), figures.get("served")))
+
     add("## vLLM compatibility\n")
     add("| scheme | checkpoint | static rule check | live vLLM load + generate | vLLM |\n|---|---|---|---|---|")
     for name in plans:
@@ -272,6 +312,10 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     if study and study["consistently_sensitive_blocks"]:
         add(f"- {_blocks_are(study['consistently_sensitive_blocks'])} sensitive under every config: "
             "a hand-written scheme should keep them BF16.")
+    if rec["used_served_figures"]:
+        add("- Answer accuracy above is as vLLM serves each scheme (against BF16 served by vLLM).")
+    for n, why in rec["served_departs"].items():
+        add(f"- `{n}` is not recommended: as served it departs from its emulation ({'; '.join(why)}).")
     add("- Schemes that fail a vLLM check must not be served; the check file names the reason.\n")
 
     add("## Reproduce\n")
@@ -297,6 +341,11 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
                                                    "kl_reply_p99", "top1_reply_agreement", "ppl", "answer_accuracy",
                                                    "answer_exact_match", "flips_vs_bf16", "lm_weight_bytes",
                                                    "checkpoint_bytes")},
+                        "served": {k: served[n].get(k) for k in ("served", "reason", "error", "kl_topk_mean",
+                                                                  "kl_topk_reply_mean", "top1_agreement",
+                                                                  "top1_reply_agreement", "ppl", "answer_accuracy",
+                                                                  "flips_vs_bf16", "tokens_per_s")} if n in served
+                        else None,
                         "vllm_static_ok": checks.get(n, {}).get("static", {}).get("ok"),
                         "vllm_live_ok": checks.get(n, {}).get("live", {}).get("ok")} for n in plans},
     }
