@@ -83,10 +83,10 @@ def _processor_class(folder: Path) -> str:
     """The family's processor class: from config.json's architecture, else (a folder of processor files only) the
     stock class its processor files name."""
     from . import ADAPTERS, adapter_for
-    from .loading import architecture, read_config
 
-    if (folder / "config.json").is_file():
-        return adapter_for(architecture(read_config(folder))).processor_class
+    if (folder / "config.json").is_file():  # loading.load has checked it
+        archs = json.loads((folder / "config.json").read_text()).get("architectures") or [""]
+        return adapter_for(archs[0]).processor_class
     known = {cls.processor_class for cls in ADAPTERS}
     for name in ("processor_config.json", "preprocessor_config.json"):
         path = folder / name
