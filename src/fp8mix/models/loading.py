@@ -56,8 +56,10 @@ def resolve(model: str | None, patterns: list[str] = HUB_FILES) -> tuple[str, Pa
 
 CONFIGS = Path(__file__).parent / "configs"
 # Published configs shipped as architecture fixtures (configs/README.md), by hub id
-FIXTURES = {f"Qwen/Qwen2.5-VL-{size}-Instruct": CONFIGS / f"qwen2_5_vl_{size.lower()}.json"
-            for size in ("3B", "7B", "32B", "72B")}
+FAMILY_SIZES = {"Qwen2.5-VL": ("3B", "7B", "32B", "72B"), "Qwen2-VL": ("2B", "7B", "72B"),
+                "Qwen3-VL": ("2B", "4B", "8B", "32B")}
+FIXTURES = {f"Qwen/{family}-{size}-Instruct": CONFIGS / f"{family.lower().replace('.', '_').replace('-', '_')}_"
+            f"{size.lower()}.json" for family, sizes in FAMILY_SIZES.items() for size in sizes}
 
 
 def config_file(path: Path) -> Path:
