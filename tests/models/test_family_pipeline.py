@@ -42,7 +42,7 @@ def run(request, tmp_path_factory):
     folder = random_model_folder(root / "model", config(tie_word_embeddings=tied))
     (root / "catalog.yaml").write_text(CATALOG)
     opts = RunOptions(run=root / "run", model=str(folder), catalog=str(root / "catalog.yaml"),
-                      score_overrides={"batch_size": 2})
+                      score_overrides={"batch_size": 2, "max_pixels": 128 * 128})
     stage_score(opts)
     study = stage_study(opts, n_control=2)
     stage_plan(opts)
