@@ -1,4 +1,4 @@
-"""fp8mix command line: `fp8mix info | score | schemes | plan | export | check | eval | report | run`."""
+"""fp8mix command line: `fp8mix info | score | schemes | plan | export | check | eval | bench | report | run`."""
 
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present, 
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch")]
 Force = Annotated[bool, typer.Option("--force", help="Redo the stage even if its outputs exist")]
 CalibSamples = Annotated[Optional[int], typer.Option("--calib-samples", help="Override the catalog's sample count")]
-Data = Annotated[Optional[str], typer.Option("--data", help="Calibration data: embedded, FILE.jsonl, an image folder "
-                                                            "or hf:NAME")]
+Data = Annotated[Optional[str], typer.Option("--data", help="Calibration data: embedded, real, FILE.jsonl, an image "
+                                                            "folder or hf:NAME (default: embedded for the embedded "
+                                                            "model, real for any other)")]
 TextOnly = Annotated[bool, typer.Option("--text-only", help="Drop the images from calibration (for comparison)")]
 Method = Annotated[Optional[str], typer.Option("--method", help="gradient (default) or kl_div")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Calibration seed")]
@@ -197,13 +198,16 @@ def export(run: Run, scheme: Annotated[Optional[str], typer.Option("--scheme", h
 @app.command()
 def check(run: Run, live: Annotated[bool, typer.Option("--live/--no-live", help="Also load and run each checkpoint "
                                                                                "in vLLM where vLLM is importable")]
-          = True, device: Device = "auto") -> None:
+          = True, device: Device = "auto",
+          eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out samples the live check's "
+                                                                           "engines also serve for the served eval "
+                                                                           "(0: none)")] = 64) -> None:
     """Check every checkpoint against vLLM's loading rules, then in vLLM itself; non-zero exit on a failure."""
     from .check.stage import stage_check
     from .context import require_run
 
     require_run(run)
-    results = stage_check(_options(run, device=device), live=live)
+    results = stage_check(_options(run, device=device), live=live, n_eval=eval_samples)
     table = Table(title="vLLM compatibility")
     for col in ("scheme", "static", "live", "reasons"):
         table.add_column(col)
@@ -219,28 +223,71 @@ def check(run: Run, live: Annotated[bool, typer.Option("--live/--no-live", help=
         raise FP8MixError(f"{len(failed)} checkpoint(s) failed the vLLM check: {', '.join(failed)} (see {run / 'checks'})")
 
 
+Engine = Annotated[str, typer.Option("--engine", help="transformers (fp8mix's emulation), vllm (each checkpoint "
+                                                      "served by vLLM) or auto (both where vLLM is importable)")]
+
+
+def _eval_table(doc: dict) -> Table:
+    table = Table(title=f"quality vs BF16 ({doc['n_samples']} held-out samples; KL and top-1 over text positions; "
+                        f"top-{doc['top_k']} KL: a lower bound of the KL, the one vLLM gives)")
+    for col in ("scheme", "engine", "eff. bits", "mean KL", "top-k KL", "top-1", "reply top-k KL", "reply top-1",
+                "ppl", "accuracy", "flips", "LM MB"):
+        table.add_column(col)
+    for r in doc["rows"]:
+        if r.get("served") is False:
+            table.add_row(r["scheme"], r["engine"], f"{r['effective_bits']:.2f}", r.get("error") or r["reason"])
+            continue
+        table.add_row(r["scheme"], r["engine"], f"{r['effective_bits']:.2f}",
+                      f"{r['kl_mean']:.3g}" if "kl_mean" in r else "-", f"{r['kl_topk_mean']:.3g}",
+                      f"{r['top1_agreement']:.4f}", f"{r['kl_topk_reply_mean']:.3g}",
+                      f"{r['top1_reply_agreement']:.4f}", f"{r['ppl']:.4f}", f"{r['answer_accuracy']:.3f}",
+                      f"{r['flips_vs_bf16']}/{r['n_samples']}", f"{r['lm_weight_bytes'] / 1e6:.2f}")
+    return table
+
+
 @app.command(name="eval")
 def eval_(run: Run, eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out samples")] = 64,
-          device: Device = "auto", threads: Threads = None, device_map: DeviceMap = None,
+          engine: Engine = "auto", device: Device = "auto", threads: Threads = None, device_map: DeviceMap = None,
           max_length: MaxLength = None, max_pixels: MaxPixels = None) -> None:
-    """Evaluate BF16 and every exported scheme on the held-out set: KL, top-1 agreement, perplexity, accuracy."""
-    from .evaluate.stage import stage_eval
+    """Evaluate BF16 and every exported scheme on the held-out set, as emulated and as vLLM serves them: KL,
+    top-1 agreement, perplexity, accuracy, flips."""
+    from .evaluate.stage import served_errors, stage_eval
     from .context import require_run, set_threads
 
     require_run(run)
     set_threads(threads)
     doc = stage_eval(_options(run, device=device, device_map=device_map, max_length=max_length,
-                              max_pixels=max_pixels), eval_samples)
-    table = Table(title=f"quality vs BF16 ({doc['n_samples']} held-out samples; KL and top-1 over text positions)")
-    for col in ("scheme", "eff. bits", "mean KL", "p99 KL", "top-1", "reply KL", "reply top-1", "ppl", "accuracy",
-                "flips", "LM MB"):
+                              max_pixels=max_pixels), eval_samples, engine)
+    console.print(_eval_table(doc))
+    errors = served_errors(doc)
+    if errors:
+        raise FP8MixError(f"{len(errors)} served evaluation(s) failed: {errors[0]} (see {run / 'eval.json'})")
+
+
+@app.command()
+def bench(run: Run, repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats per workload (>= 3)")] = 3,
+          scheme: Annotated[Optional[list[str]], typer.Option("--scheme", help="Only these (repeatable; bf16 for "
+                                                                              "the source)")] = None,
+          time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Start no engine after this "
+                                                                                     "many seconds")] = None) -> None:
+    """Served speed in vLLM on a CUDA GPU: the BF16 source and every checkpoint, CUDA graphs on, three workloads
+    (prefill with images, small-batch decode, mixed), engine start timed apart; writes bench.json."""
+    from .bench.stage import stage_bench
+
+    doc = stage_bench(_options(run), repeats=repeats, schemes=scheme, time_budget=time_budget)
+    table = Table(title=f"served speed, vLLM {doc['vllm_version']} on {doc['device']['name']} (median of "
+                        f"{doc['repeats']}; x BF16)")
+    for col in ("scheme", "engine start s", *doc["workloads"], "error"):
         table.add_column(col)
     for r in doc["rows"]:
-        table.add_row(r["scheme"], f"{r['effective_bits']:.2f}", f"{r['kl_mean']:.3g}", f"{r['kl_p99']:.3g}",
-                      f"{r['top1_agreement']:.4f}", f"{r['kl_reply_mean']:.3g}", f"{r['top1_reply_agreement']:.4f}",
-                      f"{r['ppl']:.4f}", f"{r['answer_accuracy']:.3f}", f"{r['flips_vs_bf16']}/{r['n_samples']}",
-                      f"{r['lm_weight_bytes'] / 1e6:.2f}")
+        cells = [f"{r['workloads'][w]['median']:.0f} tok/s ({r['speedup_vs_bf16'].get(w, float('nan')):.2f}x, "
+                 f"±{r['workloads'][w]['spread'] / 2:.1%})" if w in r["workloads"] else "-" for w in doc["workloads"]]
+        start = r.get("engine_start_s")
+        table.add_row(r["scheme"], "-" if start is None else f"{start:.0f}", *cells, (r.get("error") or "")[:80])
     console.print(table)
+    failed = [r["scheme"] for r in doc["rows"] if not r["ok"]]
+    if failed:
+        raise FP8MixError(f"{len(failed)} model(s) not measured: {', '.join(failed)} (see {run / 'bench.json'})")
 
 
 @app.command()
@@ -289,7 +336,8 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
         seed: Seed = None, batch_size: BatchSize = None, threads: Threads = None, force: Force = False,
         stop_after: Annotated[Optional[str], typer.Option("--stop-after", help="Last stage to run")] = None,
         eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out samples for eval")] = 64,
-        live: Annotated[bool, typer.Option("--live/--no-live", help="Live vLLM check where vLLM is importable")]
+        live: Annotated[bool, typer.Option("--live/--no-live", help="vLLM where it is importable: the live check and "
+                                                                    "the served eval (--no-live: neither)")]
         = True,
         control_samples: Annotated[int, typer.Option("--control-samples", help="Held-out samples for the study's "
                                                                                "control")] = 32,
@@ -304,7 +352,8 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
     set_threads(threads)
     opts = _options(out, model, catalog, device, force, calib_samples, data, text_only, method, seed, batch_size,
                     device_map, max_length, max_pixels)
-    run_all(opts, stop_after, {"eval": {"n_eval": eval_samples}, "check": {"live": live},
+    run_all(opts, stop_after, {"eval": {"n_eval": eval_samples, "engine": "auto" if live else "transformers"},
+                               "check": {"live": live, "n_eval": eval_samples},
                                "study": {"n_control": control_samples}}, study=not no_study)
     console.print(f"run directory: {out}")
     if (out / "report.md").is_file() and stop_after in (None, "report"):
@@ -312,6 +361,13 @@ def run(out: Run, model: ModelOpt = None, catalog: CatalogOpt = None, device: De
     failed = sorted(p.stem for p in (out / "checks").glob("*.json") if '"ok": false' in p.read_text())
     if failed and stop_after in (None, "check", "eval", "report"):
         raise FP8MixError(f"vLLM check failed for {', '.join(failed)}: see {out / 'checks'} and the report")
+    if (out / "eval.json").is_file() and stop_after in (None, "eval", "report"):
+        from .evaluate.stage import served_errors
+        from .rundir import read_json
+
+        errors = served_errors(read_json(out / "eval.json", "eval", versions=(1, 2, 3)))
+        if errors:
+            raise FP8MixError(f"{len(errors)} served evaluation(s) failed: {errors[0]} (see {out / 'eval.json'})")
 
 
 def main() -> None:

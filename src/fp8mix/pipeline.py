@@ -43,7 +43,7 @@ def stage_io(opts: RunOptions, name: str, catalog_file: Path) -> tuple[list[Path
         "study": (_files(run, "scores/*.json"), [run / "sensitivity.json"]),
         "plan": (_files(run, "scores/*.json") + [catalog_file], _files(run, "plans/*.json") or [run / "plans"]),
         "check": (_files(run, "plans/*.json", marks), _files(run, "checks/*.json") or [run / "checks"]),
-        "eval": (_files(run, "plans/*.json", marks), [run / "eval.json"]),
+        "eval": (_files(run, "plans/*.json", marks, "checks/served/*.json"), [run / "eval.json"]),
         "report": ([run / "sensitivity.json", run / "eval.json", catalog_file]
                    + _files(run, "plans/*.json", "checks/*.json"), [run / "report.md", run / "summary.json"]),
     }.get(name, ([], []))
@@ -77,7 +77,7 @@ def run_all(opts: RunOptions, stop_after: str | None = None, stage_args: dict | 
             continue
         inputs, outputs = stage_io(opts, name, cat_file)
         extra = {"overrides": overrides(opts), "args": stage_args.get(name, {}), "device": opts.device,
-                 "vllm": vllm_python() if name == "check" else None}
+                 "vllm": vllm_python() if name in ("check", "eval") else None}
         digest = _digest(inputs, extra) if inputs else None
         recorded = manifest.load(opts.run).get("stages", {}).get(name, {})
         done = digest and recorded.get("inputs") == digest and all(p.exists() for p in outputs)

@@ -30,8 +30,8 @@ def broken_copy(src, dst, *, ignore_edit=None, bf16_modules=()):
     return dst
 
 
-# Greedy tokens per reply on both sides of the served parity tests
-PARITY_REPLY_TOKENS = 16
+# Held-out samples of the checked run's evaluation set (the live check's engines serve them)
+N_EVAL = 64
 
 
 def with_doubled_weight_scale(src, dst, module):

@@ -25,19 +25,28 @@ def skeleton():
 
 
 @pytest.fixture(scope="session")
-def parity_samples():
-    """The held-out image questions of the 64-sample eval set (samples with images and an answer)."""
-    from fp8mix.data.sources import held_out
+def eval_samples(check_run):
+    """The run's evaluation set (N_EVAL held-out samples, fitted), which the live check's engines also serve."""
+    from .check_helpers import N_EVAL
+    from fp8mix.evaluate.heldout import eval_set
+    from fp8mix.models import loading
+    from fp8mix.models.processor import load_processor
 
-    return [s for s in held_out("embedded", 64) if s.images and s.answer is not None]
+    return eval_set(check_run, N_EVAL, load_processor(loading.EMBEDDED)).samples
 
 
 @pytest.fixture(scope="session")
-def live_checked(check_run, parity_samples):
-    """`fp8mix check` with the live vLLM check: the BF16 source and each scheme served by vLLM once (seven engine
-    starts), the parity samples served on the same engines. The live tests and the served parity tests share it."""
-    from .check_helpers import PARITY_REPLY_TOKENS
-    from fp8mix.check.fidelity import sample_requests
+def parity_samples(eval_samples):
+    """(index in the evaluation set, sample) for its image questions (samples with images and an answer)."""
+    return [(i, s) for i, s in enumerate(eval_samples) if s.images and s.answer is not None]
+
+
+@pytest.fixture(scope="session")
+def live_checked(check_run):
+    """`fp8mix check` with the live vLLM check: the BF16 source and each scheme served by vLLM once (one engine
+    start each), the evaluation set served on the same engines. The live, served-parity and served-eval tests
+    share it."""
+    from .check_helpers import N_EVAL
     from fp8mix.check.stage import stage_check
 
-    return stage_check(check_run, live=True, extra=sample_requests(parity_samples, max_tokens=PARITY_REPLY_TOKENS))
+    return stage_check(check_run, live=True, n_eval=N_EVAL)

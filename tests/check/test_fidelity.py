@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from fp8mix.check.fidelity import TOLERANCES, compare, probe_requests, probe_samples, sample_requests
+from fp8mix.check.fidelity import TOLERANCES, compare, probe_requests, probe_samples
+from fp8mix.evaluate.served import eval_requests
 
 
 def _out(prompt, tokens, logprobs, tops):
@@ -72,9 +73,9 @@ def test_requests():
     ref = {f"probe/{i}": {"token_ids": [i, i + 1]} for i in range(n)}
     theirs = probe_requests(ref).requests
     assert [r["continuation"] for r in theirs] == [[i, i + 1] for i in range(n)]
-    req = sample_requests(probe_samples()[:2], max_tokens=7, top_k=3)
+    req = eval_requests(probe_samples()[:2], max_tokens=7, top_k=3)
     assert [r["id"] for r in req.requests] == ["eval/0/reply", "eval/0/conversation", "eval/1/reply",
                                               "eval/1/conversation"]
     assert req.requests[0]["max_tokens"] == 7 and req.requests[1]["prompt_logprobs"] == 3
     with pytest.raises(ValueError, match="duplicate request id"):
-        req.extend(sample_requests(probe_samples()[:1]))
+        req.extend(eval_requests(probe_samples()[:1]))

@@ -1,25 +1,22 @@
 """Live vLLM check of every scheme of the embedded model, on vLLM's CPU build (.venv-vllm, built by make).
 
-Engine starts: the BF16 source and the six schemes once each (the `live_checked` fixture, shared with the served
-parity tests), one for the checkpoint with a doubled weight scale, one for the broken vision regex.
+Engine starts: the BF16 source and every scheme once each (the `live_checked` fixture, shared with the served
+parity and served eval tests), one for the broken vision regex. The checkpoint with a doubled weight scale is in
+test_served_eval.py (one engine for the live check and the served eval).
 """
 
 import pytest
 
-from .check_helpers import PARITY_REPLY_TOKENS, broken_copy, plan_of, with_doubled_weight_scale
+from .check_helpers import broken_copy, plan_of, with_doubled_weight_scale
 from fp8mix.check import fidelity
-from fp8mix.check.live import serve, vllm_python
-from fp8mix.check.stage import check_folder, served_outputs
+from fp8mix.check.live import engine_settings, serve, served_outputs, vllm_python
+from fp8mix.check.stage import check_folder
+from fp8mix.evaluate.served import eval_requests
 from fp8mix.rundir import read_json
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(vllm_python() is None, reason="vLLM not importable and .venv-vllm missing: "
                                                                  "make vllm-env builds it")]
-
-# Block 0's MLP output feeds every later block: doubling its weight scales moves the served outputs by several
-# times the FP8 noise (measured in fidelity.TOLERANCES' comment).
-DOUBLED = "model.layers.0.mlp.down_proj"
-
 
 def test_every_scheme_loads_runs_and_matches_bf16_in_vllm(check_run, live_checked):
     for name, r in live_checked.items():
@@ -38,7 +35,7 @@ def test_every_scheme_loads_runs_and_matches_bf16_in_vllm(check_run, live_checke
     assert all(probes[f"probe/{i}"]["n_image_tokens"] > 0 for i in range(8))  # the shapes probes carry an image
 
 
-def test_bf16_reference_is_served_once_and_reused(check_run, live_checked, parity_samples, monkeypatch):
+def test_bf16_reference_is_served_once_and_reused(check_run, live_checked, eval_samples, monkeypatch):
     """The BF16 source's outputs are cached in the run, keyed by its fingerprint and the requests: a second check
     with the same requests starts no engine for it; other requests do not reuse it."""
     from fp8mix.models import loading
@@ -50,30 +47,16 @@ def test_bf16_reference_is_served_once_and_reused(check_run, live_checked, parit
         raise AssertionError("vLLM was started again for the BF16 source")
 
     monkeypatch.setattr(fidelity, "serve", no_engine)
-    parity = fidelity.sample_requests(parity_samples, max_tokens=PARITY_REPLY_TOKENS)  # as live_checked served
-    cached = fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED), parity)
-    assert cached == doc
+    engine = engine_settings(1024)
+    served = eval_requests(eval_samples)  # as live_checked served them
+    cached = fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED), engine,
+                                     served)
+    assert cached == doc and doc["extra_key"] == served.key()
     with pytest.raises(AssertionError, match="started again"):
-        fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED), None)
-
-
-def test_doubled_weight_scale_fails_the_live_check(check_run, live_checked, skeleton, tmp_path):
-    """One FP8 layer's weight scales doubled: it loads, its dtypes are right, it generates; only its outputs give
-    it away, and the live check must say so. The unmodified checkpoint passed (live_checked)."""
-    net, adapter, layout = skeleton
-    name = "fp8_autoquant_full"
-    assert live_checked[name]["live"]["ok"]
-    plan = plan_of(check_run.run, name)
-    assert adapter.to_memory(DOUBLED + ".weight").rsplit(".", 1)[0] in plan["fp8_modules"]
-    bad = with_doubled_weight_scale(check_run.run / "checkpoints" / name, tmp_path / "doubled", DOUBLED)
-    reference = read_json(check_run.run / fidelity.REFERENCE_FILE, "served")
-    res, _ = check_folder(bad, plan, net, adapter, layout, True, False, lambda: reference)
-    live = res["live"]
-    assert res["static"]["ok"] and live["ran"]
-    assert not res["ok"] and live["ok"] is False
-    assert not any("weight load warning" in e for e in live["errors"])
-    out_errors = [e for e in live["errors"] if e.startswith("outputs: ")]
-    assert out_errors and all("BF16 source" in e for e in out_errors), live["errors"]
+        fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED), engine, None)
+    with pytest.raises(AssertionError, match="started again"):  # another context length: another engine
+        fidelity.bf16_reference(check_run.run, loading.EMBEDDED, loading.fingerprint(loading.EMBEDDED),
+                                engine_settings(2048), served)
 
 
 def test_vision_regex_in_one_naming_breaks_vllm_too(check_run, tmp_path):

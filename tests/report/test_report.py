@@ -93,7 +93,7 @@ def test_run_resumes_and_force_redoes(small_run):
     forced = type(opts)(**{**opts.__dict__, "force": True})
     run_all(forced, "plan", args)
     assert (opts.run / "plans/fp8_autoquant_top25.json").read_bytes()  # redone, same bytes (deterministic)
-    run_all(forced, None, {**args, "eval": {"n_eval": 8}})
+    run_all(forced, None, {**args, "eval": {"n_eval": 8, "engine": "transformers"}})
     assert (opts.run / "report.md").stat().st_mtime_ns != before["report.md"]
 
 
@@ -153,3 +153,41 @@ def test_report_counts_agree_with_their_nouns(small_run, tmp_path, blocks, phras
     assert phrase in text
     assert "Blocks 0 is" not in text and "Block 0, 3" not in text
     assert "**Control** on 1 held-out sample:" in text
+
+
+def test_report_puts_served_beside_emulated_and_flags_a_departure(small_run, tmp_path):
+    """With vLLM rows in eval.json, the report shows served beside emulated per scheme, draws one against the
+    other, flags a scheme whose served quality departs beyond the engines' noise and recommends it nowhere."""
+    import shutil
+
+    from fp8mix.report.served import DEPARTURE
+    from fp8mix.report.stage import stage_report
+    from fp8mix.rundir import write_json
+
+    opts, _ = small_run
+    run = shutil.copytree(opts.run, tmp_path / "run")
+    ev = json.loads((run / "eval.json").read_text())
+    emulated = [r for r in ev["rows"] if r["engine"] == "transformers"]
+    served = []
+    for r in emulated:
+        s = {k: v for k, v in r.items() if not k.startswith("kl_") or k.startswith("kl_topk")}
+        s.update(engine="vllm", served=True, vllm_version="0.0-test", tokens_per_s=100.0)
+        if r["scheme"] == "fp8_autoquant_top50":
+            s["top1_reply_agreement"] = r["top1_reply_agreement"] - 2 * DEPARTURE["top1_reply_drop"]
+        served.append(s)
+    doc = {k: v for k, v in ev.items() if k not in ("schema", "rows")}
+    write_json(run / "eval.json", "eval", {**doc, "rows": emulated + served}, version=3)
+    stage_report(type(opts)(**{**opts.__dict__, "run": run}))
+    text = (run / "report.md").read_text()
+    assert "## Served quality: emulated vs vLLM" in text and "figures/served.png" in text
+    assert (run / "figures" / "served.png").read_bytes()[:4] == b"\x89PNG"
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines()
+             if ln.startswith("| fp8_autoquant_") and ("yes, within noise" in ln or "**DEPARTS**" in ln)}
+    assert "**DEPARTS**" in lines["fp8_autoquant_top50"]
+    assert sum("yes, within noise" in ln for ln in lines.values()) == len(emulated) - 2  # all but bf16 and top50
+    assert "`fp8_autoquant_top50` is not recommended" in text
+    summary = json.loads((run / "summary.json").read_text())
+    rec = summary["recommendations"]
+    assert list(rec["served_departs"]) == ["fp8_autoquant_top50"] and rec["used_served_figures"]
+    assert "fp8_autoquant_top50" not in (rec["serve_default"], rec["smallest"], rec["closest_to_bf16"])
+    assert summary["schemes"]["fp8_autoquant_full"]["served"]["tokens_per_s"] == 100.0

@@ -23,11 +23,11 @@ from pathlib import Path
 from ..data import real, shapes
 from ..data.samples import ChatSample
 from ..rundir import read_json, write_json
-from .live import ENGINE, RequestSet, runner_digest, serve, vllm_python, vllm_version
+from .live import SERVED_DIR, RequestSet, runner_digest, serve, vllm_python, vllm_version
 
 PROBE_TOKENS = 16
 PROBE_TOP_K = 5
-REFERENCE_FILE = Path("checks") / "served" / "bf16.json"
+REFERENCE_FILE = SERVED_DIR / "bf16.json"
 
 # Measured on the embedded model (M-RoPE retrain), vLLM 0.32.0 CPU build, 2026-11-30: the 13 probes give 96 reply
 # positions; schemes planned from 32 calibration samples; top-1 agreement / mean / max logprob gap (nats):
@@ -65,37 +65,29 @@ def probe_requests(reference: dict | None) -> RequestSet:
     return req
 
 
-def sample_requests(samples: list[ChatSample], max_tokens: int = 12, top_k: int = 5) -> RequestSet:
-    """Served-evaluation requests for held-out samples: the greedy reply to each prompt ("eval/i/reply") and
-    the top-k prompt logprobs over each whole conversation ("eval/i/conversation")."""
-    req = RequestSet()
-    for i, s in enumerate(samples):
-        req.add_reply(f"eval/{i}/reply", s, max_tokens)
-        req.add_conversation(f"eval/{i}/conversation", s, top_k)
-    return req
-
-
-def reference_key(fingerprint: str, requests: RequestSet, py: str) -> dict:
+def reference_key(fingerprint: str, requests: RequestSet, py: str, engine: dict) -> dict:
     return {"source_fingerprint": fingerprint, "requests": requests.key(), "runner": runner_digest(),
-            "vllm": vllm_version(py), "engine": ENGINE}
+            "vllm": vllm_version(py), "engine": engine}
 
 
-def bf16_reference(run: Path, source: Path, fingerprint: str, extra: RequestSet | None = None) -> dict:
-    """vLLM's outputs for the BF16 source on the probes (and `extra` requests): read from the run's cache when
-    its key matches, else served now (one engine start) and cached. Returns the cache document: "key", "ok",
-    "errors", "vllm_version", "outputs" (by request id)."""
+def bf16_reference(run: Path, source: Path, fingerprint: str, engine: dict, extra: RequestSet | None = None) -> dict:
+    """vLLM's outputs for the BF16 source on the probes (and `extra` requests), served with `engine`
+    (`live.engine_settings`): read from the run's cache when its key matches, else served now (one engine start)
+    and cached. Returns the cache document: "key", "extra_key", "ok", "errors", "vllm_version", "timings_s",
+    "outputs" (by request id)."""
     requests = probe_requests(None)
     if extra is not None:
         requests.extend(extra)
     py = vllm_python()
-    key = reference_key(fingerprint, requests, py) if py else None
+    key = reference_key(fingerprint, requests, py, engine) if py else None
     path = run / REFERENCE_FILE
     if path.is_file():
         doc = read_json(path, "served")
         if doc.get("key") == key:
             return doc
-    res = serve(source, requests)
-    doc = {"key": key, "model": str(source), "ok": bool(res.get("ok")), "errors": res.get("errors", []),
+    res = serve(source, requests, engine=engine)
+    doc = {"key": key, "extra_key": extra.key() if extra is not None else None, "model": str(source),
+           "ok": bool(res.get("ok")), "errors": res.get("errors", []),
            "reason": res.get("reason"), "vllm_version": res.get("vllm_version"),
            "timings_s": res.get("timings_s", {}), "outputs": res.get("outputs", {})}
     if doc["ok"]:  # a failed reference is not cached: the next check serves it again

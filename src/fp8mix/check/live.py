@@ -17,13 +17,23 @@ import tempfile
 from pathlib import Path
 
 from ..data.samples import ChatSample
+from ..errors import FP8MixError
+from ..rundir import read_json, write_json
 
 SCRIPT = Path(__file__).with_name("vllm_live.py")
 REPO_VENV = Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"
 # vLLM's CPU build runs per-channel/per-token FP8 only (per-tensor and block scales need GPU kernels)
 CPU_FORMATS = {"fp8_dynamic"}
-# Engine settings of every start (the runner's flags); part of a cached reference's key
-ENGINE = {"max_model_len": 1024, "max_num_seqs": 16}
+# Room beyond the longest fitted sample: its greedy reply (evaluate.accuracy.REPLY_TOKENS) and the probes' replies
+GENERATION_ROOM = 64
+MAX_NUM_SEQS = 16
+SERVED_DIR = Path("checks") / "served"
+
+
+def engine_settings(max_length: int) -> dict:
+    """The runner's engine flags for a run whose samples are fitted to `max_length` tokens (part of a cached
+    reference's key): the context holds the longest sample plus its greedy reply."""
+    return {"max_model_len": int(max_length) + GENERATION_ROOM, "max_num_seqs": MAX_NUM_SEQS}
 
 
 def vllm_python() -> str | None:
@@ -110,8 +120,9 @@ class RequestSet:
 
 
 def serve(folder: Path, requests: RequestSet | None = None, expect_fp8: list[str] = (),
-          expect_bf16: list[str] = (), timeout: int = 900) -> dict:
-    """Start vLLM once on `folder`, check the layer expectations, answer `requests`.
+          expect_bf16: list[str] = (), engine: dict | None = None, timeout: int = 900) -> dict:
+    """Start vLLM once on `folder` (`engine`: `engine_settings`, default for 1024-token samples), check the layer
+    expectations, answer `requests`.
 
     Returns the runner's result (see vllm_live.py) with "ran"; on a crash or a timeout, "ok" False and one line
     in "errors"."""
@@ -121,8 +132,9 @@ def serve(folder: Path, requests: RequestSet | None = None, expect_fp8: list[str
                 "reason": "vLLM is not importable here and .venv-vllm is missing (make vllm-env builds it)"}
     with tempfile.TemporaryDirectory(prefix="fp8mix-vllm-") as tmp:
         out = Path(tmp) / "result.json"
+        engine = engine or engine_settings(1024)
         cmd = [py, str(SCRIPT), "--model", str(folder), "--out", str(out),
-               "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"])]
+               "--max-model-len", str(engine["max_model_len"]), "--max-num-seqs", str(engine["max_num_seqs"])]
         if requests is not None and requests.requests:
             cmd += ["--requests", str(requests.write(Path(tmp) / "requests"))]
         if expect_fp8:
@@ -139,3 +151,22 @@ def serve(folder: Path, requests: RequestSet | None = None, expect_fp8: list[str
         result = json.loads(out.read_text())
     result.pop("traceback", None)
     return {"ran": True, **result}
+
+
+def write_served(run: Path, name: str, doc: dict) -> None:
+    """Keep what vLLM served for `name` ("bf16" for the source): checks/served/<name>.json."""
+    write_json(run / SERVED_DIR / f"{name}.json", "served", doc)
+
+
+def read_served(run: Path, name: str) -> dict | None:
+    """The served document of `name` (see `write_served`), or None when there is none."""
+    path = run / SERVED_DIR / f"{name}.json"
+    return read_json(path, "served") if path.is_file() else None
+
+
+def served_outputs(run: Path, name: str) -> dict:
+    """The outputs vLLM served for `name` ("bf16" for the source) in the last check, by request id."""
+    doc = read_served(run, name)
+    if doc is None:
+        raise FP8MixError(f"{run / SERVED_DIR / (name + '.json')} is missing: run fp8mix check with vLLM first")
+    return doc["outputs"]

@@ -10,26 +10,24 @@ from pathlib import Path
 
 from .. import manifest
 from ..errors import FP8MixError
-from ..context import RunOptions, catalog_of, progress, model_arg
+from ..context import RunOptions, catalog_of, model_arg, overrides, progress
 from ..rundir import read_json, write_json
 from .fidelity import bf16_reference, compare, probe_requests
-from .live import CPU_FORMATS, RequestSet, serve
-from .static import check_static
-
-SERVED_DIR = Path("checks") / "served"
+from .live import CPU_FORMATS, RequestSet, engine_settings, serve, vllm_python, write_served
+from .static import check_static, cpu_fp8_kv_cache_reason, kv_head_dim
 
 
-def live_check(folder: Path, plan: dict, adapter, reference: dict,
-               extra: RequestSet | None = None) -> tuple[dict, dict]:
+def live_check(folder: Path, plan: dict, adapter, reference: dict, extra: RequestSet | None = None,
+               engine: dict | None = None) -> tuple[dict, dict]:
     """Serve one checkpoint (one engine start): layer dtypes, load warnings, outputs against the BF16 reference.
-    Returns (the live verdict, every served output by request id)."""
+    Returns (the live verdict, the served document: outputs by request id, timings, vLLM version)."""
     fp8 = [adapter.to_disk(m) for m in plan["fp8_modules"]]
     bf16 = [adapter.to_disk(m) for m in plan["bf16_modules"]]
     ref_ok = reference.get("ok")
     requests = probe_requests(reference["outputs"] if ref_ok else None)
     if extra is not None:
         requests.extend(extra)
-    res = serve(folder, requests, fp8, bf16)
+    res = serve(folder, requests, fp8, bf16, engine=engine)
     if not res["ran"]:
         return {"ran": False, "ok": None, "reason": res["reason"]}, {}
     errors = list(res.get("errors", []))
@@ -45,13 +43,17 @@ def live_check(folder: Path, plan: dict, adapter, reference: dict,
                       + "; ".join(reference.get("errors") or [reference.get("reason") or "unknown"])[:300] + ")")
     live["errors"] = errors
     live["ok"] = bool(res.get("ok")) and not errors
-    return live, res.get("outputs", {})
+    served = {"model": str(folder), "vllm_version": res.get("vllm_version"),
+              "extra_key": extra.key() if extra is not None else None, "timings_s": res.get("timings_s", {}),
+              "outputs": res.get("outputs", {})} if res.get("outputs") else {}
+    return live, served
 
 
 def check_folder(folder: Path, plan: dict, net, adapter, layout, live: bool, on_gpu: bool,
-                 reference: Callable[[], dict] | None = None, extra: RequestSet | None = None) -> tuple[dict, dict]:
+                 reference: Callable[[], dict] | None = None, extra: RequestSet | None = None,
+                 engine: dict | None = None) -> tuple[dict, dict]:
     """The static check, then (when `live` and the format runs here) the live check against `reference()`, the
-    BF16 source's served outputs. Returns (the verdict, the served outputs by request id)."""
+    BF16 source's served outputs. Returns (the verdict, the served document; empty when nothing was served)."""
     static = check_static(folder, plan, net, adapter, layout)
     result = {"scheme": plan["scheme"], "checkpoint": str(folder), "fp8_format": plan["fp8_format"],
               "static": static}
@@ -63,19 +65,25 @@ def check_folder(folder: Path, plan: dict, net, adapter, layout, live: bool, on_
     elif not on_gpu and plan["fp8_format"] not in CPU_FORMATS:
         result["live"] = {"ran": False, "ok": None,
                           "reason": f"vLLM's CPU build has no kernels for {plan['fp8_format']}; static check only"}
+    elif not on_gpu and plan.get("kv_cache") and (why := cpu_fp8_kv_cache_reason(kv_head_dim(net, layout))):
+        result["live"] = {"ran": False, "ok": None, "reason": f"not served here: {why}; static check only"}
     elif reference is None:
         raise FP8MixError("the live check needs the BF16 source's served outputs")
     else:
-        result["live"], outputs = live_check(folder, plan, adapter, reference(), extra)
+        result["live"], outputs = live_check(folder, plan, adapter, reference(), extra, engine)
     result["ok"] = static["ok"] and result["live"]["ok"] is not False
     return result, outputs
 
 
-def stage_check(opts: RunOptions, live: bool = True, extra: RequestSet | None = None) -> dict[str, dict]:
-    """Check every scheme's checkpoint. `extra`: requests served on the same engines as the live check, the BF16
-    source's included (a served evaluation: `fidelity.sample_requests`); every engine's outputs are written to
-    checks/served/<name>.json (`served_outputs` reads them)."""
+def stage_check(opts: RunOptions, live: bool = True, n_eval: int = 64) -> dict[str, dict]:
+    """Check every scheme's checkpoint. With the live check, the engines also serve the evaluation set of
+    `n_eval` held-out samples (`evaluate.served.eval_requests`; none when 0), the BF16 source's included, so
+    that the served eval loads no checkpoint again; every engine's outputs are written to
+    checks/served/<name>.json (`live.served_outputs` reads them)."""
+    from ..evaluate.heldout import eval_set
+    from ..evaluate.served import eval_requests
     from ..models import loading
+    from ..models.processor import load_processor
 
     t0 = time.time()
     catalog, _ = catalog_of(opts)
@@ -83,10 +91,14 @@ def stage_check(opts: RunOptions, live: bool = True, extra: RequestSet | None = 
     net, adapter = loading.build_empty(path)
     layout = adapter.layout(net)
     cache: dict = {}
+    extra, engine = None, engine_settings(catalog.settings(next(iter(catalog.schemes)), **overrides(opts)).max_length)
+    if live and n_eval and vllm_python() is not None:
+        es = eval_set(opts, n_eval, load_processor(path))
+        extra, engine = eval_requests(es.samples), engine_settings(es.max_length)
 
     def reference() -> dict:
         if "doc" not in cache:
-            cache["doc"] = bf16_reference(opts.run, path, loading.fingerprint(path), extra)
+            cache["doc"] = bf16_reference(opts.run, path, loading.fingerprint(path), engine, extra)
         return cache["doc"]
 
     results = {}
@@ -95,18 +107,13 @@ def stage_check(opts: RunOptions, live: bool = True, extra: RequestSet | None = 
         if not (folder / "config.json").is_file():
             raise FP8MixError(f"{folder} is missing: run fp8mix export --run {opts.run} first")
         plan = read_json(opts.run / "plans" / f"{name}.json", "plan")
-        res, outputs = check_folder(folder, plan, net, adapter, layout, live, not opts.device.startswith("cpu"),
-                                    reference, extra)
-        if outputs:
-            write_json(opts.run / SERVED_DIR / f"{name}.json", "served",
-                       {"model": str(folder), "vllm_version": res["live"].get("vllm_version"), "outputs": outputs})
+        res, served = check_folder(folder, plan, net, adapter, layout, live, not opts.device.startswith("cpu"),
+                                   reference, extra, engine)
+        if served:
+            write_served(opts.run, name, served)
         write_json(opts.run / "checks" / f"{name}.json", "check", res)
         results[name] = res
     manifest.update(opts.run, stages={"check": {"seconds": round(time.time() - t0, 2),
                                                 "failed": sorted(n for n, r in results.items() if not r["ok"])}})
     return results
 
-
-def served_outputs(run: Path, name: str) -> dict:
-    """The outputs vLLM served for `name` ("bf16" for the source) in the last check, by request id."""
-    return read_json(run / SERVED_DIR / f"{name}.json", "served", "run fp8mix check with vLLM first")["outputs"]

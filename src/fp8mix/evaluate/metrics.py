@@ -14,6 +14,12 @@ Position t of a sequence predicts token t+1. Two sets of positions are counted, 
 KL is KL(p_BF16 ‖ p_scheme) in nats per position, from the full distributions. Perplexity is over the labelled
 tokens. Every average must have a counted position: an empty set is an error, never a silent 0 or 1.
 
+A served model gives only its top-k log-probabilities (and the prompt token's own), so KL as served is measured
+coarse-grained (`coarse_kl`): over S = the tokens in both models' top-k plus the position's actual token, and one
+bucket for every other token. Merging outcomes never increases a KL divergence (the data-processing / log-sum
+inequality), so this top-k KL is a lower bound of the full KL; transformers rows carry it too (`kl_topk_*`,
+computed the same way from their full distributions), so emulated and served figures compare like with like.
+
 Memory: the BF16 reference is needed position by position beside each scheme's output. It is never held for the
 whole evaluation set: the batches are taken in chunks whose reference logits (kept in the model's dtype, from
 which the log-probabilities are recomputed exactly) fit `reference_budget` bytes, and every scheme is swapped in
@@ -41,6 +47,7 @@ REFERENCE = "bf16"
 # 1 s at 3B on an H200, BENCHMARKS.md); at 3B a batch of 8 samples of ~1.3 k tokens holds 2.7 GB, so 3 a chunk.
 REFERENCE_BUDGET = 8 << 30
 SLICE = 1024                # positions whose log-probabilities are compared at once
+TOP_K = 20                  # top-k of the coarse-grained KL: vLLM's default max_logprobs
 
 
 def placeholder_ids(config) -> list[int]:
@@ -58,11 +65,43 @@ def counted_positions(batch: dict, placeholders: list[int]) -> tuple[torch.Tenso
     return text, reply
 
 
+def coarse_kl(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
+    """Per row, KL(p ‖ q) over a partition: each token whose log-probability is finite in the row (the same
+    tokens in both), and one bucket for the rest of the vocabulary (1 - the listed mass). A lower bound of the
+    full KL (see the module docstring). Float64; never negative."""
+    p_lp, q_lp = p_lp.double(), q_lp.double()
+    listed = torch.isfinite(p_lp)
+    p = torch.where(listed, p_lp.exp(), 0.0)
+    q = torch.where(listed, q_lp.exp(), 0.0)
+    kl = torch.where(listed, p * (p_lp - torch.where(listed, q_lp, 0.0)), 0.0).sum(-1)
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    q_rest = (1 - q.sum(-1)).clamp_min(1e-30)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), 0.0)
+    return (kl + rest).clamp_min(0)
+
+
+def topk_partition(ref_lp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor, k: int = TOP_K
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`coarse_kl`'s inputs from full log-probabilities [n, vocab]: the log-probabilities of S (the tokens in
+    both top-k lists, plus the actual next token `targets`), -inf elsewhere; [n, 2k + 1] each."""
+    ref_top = ref_lp.topk(k, dim=-1).indices
+    top = lp.topk(k, dim=-1).indices
+    cand = torch.cat([ref_top, top, targets[:, None]], dim=1)
+    in_both = (cand[..., None] == ref_top[:, None, :]).any(-1) & (cand[..., None] == top[:, None, :]).any(-1)
+    n = cand.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=cand.device).tril(-1)
+    first = ~((cand[:, :, None] == cand[:, None, :]) & earlier).any(-1)
+    keep = (in_both | (cand == targets[:, None])) & first
+    ninf = torch.tensor(float("-inf"), dtype=ref_lp.dtype, device=ref_lp.device)
+    return (torch.where(keep, ref_lp.gather(1, cand), ninf), torch.where(keep, lp.gather(1, cand), ninf))
+
+
 @dataclass
 class Outputs:
     """One model's outputs on one batch, at the batch's text positions."""
 
     logits: torch.Tensor   # [n_text, vocab], the model's dtype
+    targets: torch.Tensor  # [n_text] the token each position predicts
     reply: torch.Tensor    # [n_text] bool: the reply positions among them
     nll: float             # summed over the labelled tokens
     n_labelled: int
@@ -77,14 +116,17 @@ def outputs(model, batch: dict, placeholders: list[int], keep_on=None) -> Output
     labelled = labels != -100
     logp = F.log_softmax(logits[labelled].float(), dim=-1)
     nll = -logp.gather(-1, labels[labelled].unsqueeze(-1)).sum()
-    return Outputs(logits[text].to(keep_on or logits.device), reply[text], float(nll), int(labelled.sum()))
+    targets = batch["input_ids"][:, 1:].to(logits.device)[text]
+    return Outputs(logits[text].to(keep_on or logits.device), targets.to(keep_on or logits.device), reply[text],
+                   float(nll), int(labelled.sum()))
 
 
 @dataclass
 class Tally:
-    """One model's metrics, accumulated batch by batch against the reference."""
+    """One model's metrics, accumulated batch by batch against the reference (served rows have no full KL)."""
 
     kl: list[torch.Tensor] = field(default_factory=list)       # per text position, float64
+    kl_topk: list[torch.Tensor] = field(default_factory=list)  # per text position, float64 (`coarse_kl`)
     agree: list[torch.Tensor] = field(default_factory=list)    # per text position, bool
     reply: list[torch.Tensor] = field(default_factory=list)    # per text position, bool
     nll: float = 0.0
@@ -99,32 +141,42 @@ class Tally:
             lp = F.log_softmax(got.logits[sl].float(), dim=-1)
             kl = F.kl_div(lp, ref_lp, reduction="none", log_target=True).sum(-1)
             self.kl.append(kl.double().clamp_min(0).cpu())
+            self.kl_topk.append(coarse_kl(*topk_partition(ref_lp, lp, got.targets[sl].to(device))).cpu())
             self.agree.append((lp.argmax(-1) == ref_lp.argmax(-1)).cpu())
         self._count(got)
 
     def add_reference(self, ref: Outputs) -> None:
         """The reference against itself: KL exactly 0 and full agreement, over the same positions."""
         self.kl.append(torch.zeros(ref.logits.shape[0], dtype=torch.float64))
+        self.kl_topk.append(torch.zeros(ref.logits.shape[0], dtype=torch.float64))
         self.agree.append(torch.ones(ref.logits.shape[0], dtype=torch.bool))
         self._count(ref)
 
     def _count(self, got: Outputs) -> None:
-        self.reply.append(got.reply.cpu())
-        self.nll += got.nll
-        self.n_labelled += got.n_labelled
+        self.count(got.reply, got.nll, got.n_labelled)
+
+    def count(self, reply: torch.Tensor, nll: float, n_labelled: int) -> None:
+        """Which of the positions just added are reply positions; the summed NLL of the labelled tokens."""
+        self.reply.append(reply.cpu())
+        self.nll += nll
+        self.n_labelled += n_labelled
 
     def row(self, samples: list[ChatSample], reference_replies: list[str]) -> dict:
-        kl, agree, reply = (torch.cat(t).numpy() if t else np.zeros(0) for t in (self.kl, self.agree, self.reply))
+        kl, kl_topk, agree, reply = (torch.cat(t).numpy() if t else np.zeros(0)
+                                     for t in (self.kl, self.kl_topk, self.agree, self.reply))
         reply = reply.astype(bool)
-        empty = ("text" if kl.size == 0 else "labelled reply" if self.n_labelled == 0
+        empty = ("text" if agree.size == 0 else "labelled reply" if self.n_labelled == 0
                  else "reply" if not reply.any() else None)
         if empty:
             raise FP8MixError(f"the evaluation set has no {empty} token to average over (KL, top-1 agreement, "
                               "perplexity): every sample needs text and a final assistant reply; check --data")
+        full = {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
+                "kl_reply_mean": float(kl[reply].mean()), "kl_reply_p99": float(np.percentile(kl[reply], 99))
+                } if kl.size else {}
         return {
-            "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
-            "top1_agreement": float(agree.mean()), "n_text_positions": int(kl.size),
-            "kl_reply_mean": float(kl[reply].mean()), "kl_reply_p99": float(np.percentile(kl[reply], 99)),
+            **full,
+            "kl_topk_mean": float(kl_topk.mean()), "kl_topk_reply_mean": float(kl_topk[reply].mean()),
+            "top1_agreement": float(agree.mean()), "n_text_positions": int(agree.size),
             "top1_reply_agreement": float(agree[reply].mean()), "n_reply_positions": int(reply.sum()),
             "ppl": float(np.exp(self.nll / self.n_labelled)), "n_labelled_tokens": self.n_labelled,
             **accuracy_of(self.replies, samples),

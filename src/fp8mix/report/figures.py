@@ -90,8 +90,9 @@ def pareto(rows: list[dict], study: dict | None, positions: str, path: Path) -> 
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     schemes = [r for r in rows if r["scheme"] != "bf16"]
     for r in schemes:
-        ax.scatter(r["effective_bits"], max(r["kl_mean"], 1e-9), color="#d95f02", zorder=3)
-        ax.annotate(r["scheme"].replace("fp8_autoquant_", ""), (r["effective_bits"], max(r["kl_mean"], 1e-9)),
+        kl = max(r["kl_mean"] if r.get("kl_mean") is not None else r["kl_topk_mean"], 1e-9)
+        ax.scatter(r["effective_bits"], kl, color="#d95f02", zorder=3)
+        ax.annotate(r["scheme"].replace("fp8_autoquant_", ""), (r["effective_bits"], kl),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     if study and "control" in study:
         for frac, c in study["control"].items():
@@ -111,4 +112,30 @@ def pareto(rows: list[dict], study: dict | None, positions: str, path: Path) -> 
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.set_title("Quality vs size (no study: no controls)")
+    return _save(fig, path)
+
+
+def served_vs_emulated(pairs: dict[str, tuple[dict, dict]], path: Path) -> Path:
+    """Per scheme, its quality as vLLM serves it against its quality as fp8mix emulates it: reply top-k KL and
+    reply top-1 agreement (`pairs`: scheme -> (emulated row, served row)). On the diagonal they agree."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    panels = (("kl_topk_reply_mean", "reply top-k KL vs BF16, nats", True),
+              ("top1_reply_agreement", "reply top-1 agreement with BF16", False))
+    for ax, (key, label, log) in zip(axes, panels):
+        xs = [max(e[key], 1e-9) if log else e[key] for e, _ in pairs.values()]
+        ys = [max(s[key], 1e-9) if log else s[key] for _, s in pairs.values()]
+        ax.scatter(xs, ys, color="#d95f02", zorder=3)
+        for name, x, y in zip(pairs, xs, ys):
+            ax.annotate(name.replace("fp8_autoquant_", ""), (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        lo, hi = (min(xs + ys), max(xs + ys)) if xs else (0, 1)
+        pad = (hi / lo) ** 0.1 if log and lo > 0 else (hi - lo) * 0.1 + 1e-3
+        lo, hi = (lo / pad, hi * pad) if log and lo > 0 else (lo - pad, hi + pad)
+        ax.plot([lo, hi], [lo, hi], color="#9aa5b1", lw=1, zorder=1)
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel(f"emulated (transformers): {label}", fontsize=9)
+        ax.set_ylabel(f"served (vLLM): {label}", fontsize=9)
+    fig.suptitle("Served vs emulated quality, per scheme (diagonal: equal)")
     return _save(fig, path)

@@ -12,7 +12,8 @@ from .. import manifest
 from ..context import RunOptions, catalog_of
 from ..rundir import read_json, write_json
 from . import figures
-from .markdown import CATALOG_COPY, eval_rows, render
+from .markdown import CATALOG_COPY, eval_rows, render, served_rows
+from .served import pairs
 
 
 def stage_report(opts: RunOptions) -> Path:
@@ -23,12 +24,15 @@ def stage_report(opts: RunOptions) -> Path:
     plans = {n: read_json(run / "plans" / f"{n}.json", "plan", hint="run fp8mix plan first") for n in catalog.schemes}
     checks = {n: read_json(run / "checks" / f"{n}.json", "check") for n in catalog.schemes
               if (run / "checks" / f"{n}.json").is_file()}
-    ev = read_json(run / "eval.json", "eval", hint="run fp8mix eval first", versions=(1, 2))
-    _, positions = eval_rows(ev)
+    ev = read_json(run / "eval.json", "eval", hint="run fp8mix eval first", versions=(1, 2, 3))
+    rows, positions = eval_rows(ev)
+    compared = pairs(rows, served_rows(ev))
     man = manifest.load(run)
     figs = {"heatmap": figures.heatmap(sens, run / "figures" / "heatmap.png"),
             "blocks": figures.block_bars(sens, plans, run / "figures" / "blocks.png"),
-            "pareto": figures.pareto(ev["rows"], sens.get("study"), positions, run / "figures" / "pareto.png")}
+            "pareto": figures.pareto(list(rows.values()), sens.get("study"), positions, run / "figures" / "pareto.png")}
+    if compared:
+        figs["served"] = figures.served_vs_emulated(compared, run / "figures" / "served.png")
     if sens.get("study"):
         figs["stability"] = figures.stability(sens["study"], run / "figures" / "stability.png")
     copy = run / CATALOG_COPY

@@ -1,0 +1,114 @@
+"""The served eval: every scheme's quality as vLLM's CPU build serves it, read off the live check's engines.
+
+`fp8mix eval --engine vllm` on the checked run starts no engine (the check's engines served the evaluation set);
+BF16 as served against itself is exact; each served scheme stays within the noise between the engines of its
+emulation (reply top-1 agreement and reply top-k KL, the report's departure rule); and a checkpoint with one
+layer's weight scales doubled departs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .check_helpers import N_EVAL, plan_of, with_doubled_weight_scale
+from fp8mix.check import live as live_mod
+from fp8mix.check.fidelity import REFERENCE_FILE
+from fp8mix.check.live import read_served, vllm_python
+from fp8mix.check.stage import check_folder
+from fp8mix.evaluate.checkpoint import scheme_applied
+from fp8mix.evaluate.metrics import Tally, outputs, placeholder_ids
+from fp8mix.evaluate.served import eval_requests, served_tally
+from fp8mix.report.served import departures
+from fp8mix.rundir import read_json
+from fp8mix.score.batches import make_batches
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(vllm_python() is None, reason="vLLM not importable and .venv-vllm missing: "
+                                                                 "make vllm-env builds it")]
+
+# Block 0's MLP output feeds every later block: doubling its weight scales moves the served outputs by several
+# times the FP8 noise (measured in fidelity.TOLERANCES' comment).
+DOUBLED = "model.layers.0.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def served_eval(check_run, live_checked):
+    from fp8mix.evaluate.stage import stage_eval
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the served eval started an engine: the check's engines served the evaluation set")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fp8mix.evaluate.stage.serve", no_engine)
+        return stage_eval(check_run, N_EVAL, "vllm")
+
+
+def _emulated(embedded, samples, folder=None) -> dict:
+    """Reply top-1 agreement and reply top-k KL of a checkpoint as fp8mix emulates it (no generation)."""
+    model, proc = embedded.model, embedded.processor
+    placeholders = placeholder_ids(model.config)
+    batches = make_batches(proc, samples, 8, 1024)
+    refs = [outputs(model, b, placeholders) for b in batches]
+    tally = Tally()
+    with scheme_applied(model, folder, embedded.adapter):
+        for b, ref in zip(batches, refs):
+            tally.add(ref, outputs(model, b, placeholders))
+    reply = torch.cat(tally.reply).bool()
+    return {"top1_reply_agreement": float(torch.cat(tally.agree)[reply].float().mean()),
+            "kl_topk_reply_mean": float(torch.cat(tally.kl_topk)[reply].mean())}
+
+
+def test_served_rows_of_every_scheme(check_run, served_eval):
+    rows = {r["scheme"]: r for r in served_eval["rows"]}
+    assert all(r["engine"] == "vllm" for r in rows.values()) and served_eval["engines"]["transformers"]["ran"] is False
+    bf16 = rows["bf16"]
+    assert bf16["served"] and bf16["kl_topk_mean"] == 0 and bf16["top1_agreement"] == 1 and bf16["flips_vs_bf16"] == 0
+    assert bf16["n_samples"] == N_EVAL and bf16["n_reply_positions"] > 300 and bf16["tokens_per_s"] > 0
+    for name, r in rows.items():
+        assert r["served"], (name, r.get("reason"), r.get("error"))
+        assert 0 <= r["kl_topk_reply_mean"] < 0.05 and r["top1_reply_agreement"] > 0.9, (name, r)
+        assert r["n_reply_positions"] == bf16["n_reply_positions"], name
+    assert rows["fp8_autoquant_full"]["kl_topk_reply_mean"] > rows["fp8_autoquant_top25"]["kl_topk_reply_mean"] > 0
+
+
+def test_served_full_scheme_is_its_emulation(embedded, check_run, served_eval, eval_samples):
+    """The most aggressive scheme as served stays within the engines' noise of its emulation."""
+    name = "fp8_autoquant_full"
+    served = next(r for r in served_eval["rows"] if r["scheme"] == name)
+    emulated = _emulated(embedded, eval_samples, check_run.run / "checkpoints" / name)
+    print(f"\n{name}: reply top-1 emulated {emulated['top1_reply_agreement']:.4f} served "
+          f"{served['top1_reply_agreement']:.4f}; reply top-k KL emulated {emulated['kl_topk_reply_mean']:.4g} "
+          f"served {served['kl_topk_reply_mean']:.4g}")
+    assert not departures(emulated, served), departures(emulated, served)
+
+
+def test_doubled_weight_scale_fails_the_live_check_and_departs(embedded, check_run, live_checked, served_eval,
+                                                                skeleton, eval_samples, tmp_path):
+    """One FP8 layer's weight scales doubled: it loads, its dtypes are right, it generates; only its outputs give
+    it away. The live check must fail it, and its served quality must depart from what the emulation of the intact
+    checkpoint predicts (one engine start for both: the probes and the evaluation set)."""
+    net, adapter, layout = skeleton
+    name = "fp8_autoquant_full"
+    assert live_checked[name]["live"]["ok"]
+    plan = plan_of(check_run.run, name)
+    assert adapter.to_memory(DOUBLED + ".weight").rsplit(".", 1)[0] in plan["fp8_modules"]
+    bad = with_doubled_weight_scale(check_run.run / "checkpoints" / name, tmp_path / "doubled", DOUBLED)
+    reference = read_json(check_run.run / REFERENCE_FILE, "served")
+    res, served = check_folder(bad, plan, net, adapter, layout, True, False, lambda: reference,
+                               eval_requests(eval_samples), live_mod.engine_settings(1024))
+    live = res["live"]
+    assert res["static"]["ok"] and live["ran"] and served["outputs"]
+    assert not res["ok"] and live["ok"] is False
+    assert not any("weight load warning" in e for e in live["errors"])
+    out_errors = [e for e in live["errors"] if e.startswith("outputs: ")]
+    assert out_errors and all("BF16 source" in e for e in out_errors), live["errors"]
+    placeholders = placeholder_ids(embedded.model.config)
+    bf16 = read_served(check_run.run, "bf16")["outputs"]
+    doubled = served_tally(served["outputs"], bf16, eval_samples, embedded.processor, placeholders, "doubled")
+    row = doubled.row(eval_samples, [bf16[f"eval/{i}/reply"]["text"].strip() for i in range(len(eval_samples))])
+    emulated = _emulated(embedded, eval_samples, check_run.run / "checkpoints" / name)
+    why = departures(emulated, row)
+    print(f"\ndoubled {DOUBLED}: served reply top-1 {row['top1_reply_agreement']:.4f}, reply top-k KL "
+          f"{row['kl_topk_reply_mean']:.4g}; departs: {why}")
+    assert why
