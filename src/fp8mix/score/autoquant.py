@@ -135,7 +135,9 @@ def _text_hidden(model: nn.Module, inputs: dict, text: torch.Tensor) -> torch.Te
 
 
 def _logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return head(hidden.to(head.weight.device))
+    """The logits of `hidden` ([n, hidden]), in the model's dtype, a slice of positions at a time."""
+    device = head.weight.device
+    return torch.cat([head(hidden[k:k + SLICE].to(device)) for k in range(0, max(len(hidden), 1), SLICE)])
 
 
 def _kl_sum(head: nn.Module, hidden: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -177,7 +179,7 @@ def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], 
         finally:
             for h in handles:
                 h.remove()
-        ref = torch.cat([_logits(head, hidden[k:k + SLICE]) for k in range(0, hidden.shape[0], SLICE)])
+        ref = _logits(head, hidden)
         del hidden
         for i, g in enumerate(groups):
             # a module not called in the BF16 pass (the vision tower on a text-only batch) is not replayed

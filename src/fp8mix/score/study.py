@@ -10,7 +10,6 @@ from contextlib import ExitStack
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import kendalltau, spearmanr
 
 from ..data.samples import model_inputs
@@ -18,7 +17,7 @@ from ..errors import FP8MixError
 from ..evaluate.metrics import counted_positions, placeholder_ids
 from ..models import GROUP_KINDS, ModelLayout
 from ..quant.weights import QuantizedWeights
-from .autoquant import _fp8_group
+from .autoquant import _fp8_group, _kl_sum, _logits, _text_hidden
 from .settings import AutoQuantSettings
 
 N_RANDOM = 20
@@ -89,11 +88,12 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
     if not any(bool(m.any()) for m in masks):
         raise FP8MixError("the control samples have no text position to measure KL on; check --data")
 
-    def logprobs(b, m):
-        logits = model(**model_inputs(b), use_cache=False).logits[:, :-1]
-        return F.log_softmax(logits.float(), -1)[m.to(logits.device)]
-
-    refs = [logprobs(b, m) for b, m in zip(batches, masks)]
+    # as the KL score computes it: the lm_head only at the text positions, the references as logits in the
+    # model's dtype (not the whole set's float32 log-probabilities)
+    head = model.get_output_embeddings()
+    hidden = [_text_hidden(model, model_inputs(b), m) for b, m in zip(batches, masks)]
+    refs = [_logits(head, h) for h in hidden]
+    del hidden
 
     def kl_of(blocks: set[int]) -> float:
         tot, n = 0.0, 0
@@ -102,7 +102,7 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
                 if g.block in blocks:
                     stack.enter_context(_fp8_group(qw, g))
             for b, m, ref in zip(batches, masks, refs):
-                tot += float(F.kl_div(logprobs(b, m), ref, reduction="sum", log_target=True))
+                tot += float(_kl_sum(head, _text_hidden(model, model_inputs(b), m), ref))
                 n += int(ref.shape[0])
         return tot / n
 
