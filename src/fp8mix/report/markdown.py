@@ -260,7 +260,8 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
             add(f"| {k} | {pat['kind_share'][k]:.1%} | {pat['kind_score_per_param'][k]:.3g} |")
         add("")
         add("Depth pattern: " + ", ".join(f"{part} blocks {pat['depth_blocks'][part][0]}–{pat['depth_blocks'][part][-1]} "
-                                          f"hold {pat['depth_share'][part]:.1%}" for part in ("early", "middle", "late")) + ".\n")
+                                          f"hold {pat['depth_share'][part]:.1%}" for part in ("early", "middle", "late")
+                                          if pat['depth_blocks'][part]) + ".\n")
         add(f"**Control** on {_count(study['control_samples'], 'held-out sample')}: mean KL(BF16 ‖ FP8) of the "
             "AutoQuant block choice against 20 random choices of as many blocks, and the first-K / last-K "
             "heuristics:\n")
