@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +164,7 @@ def run_fp8mix(args: list[str], device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     reset_cpu_peak()
     argv, sys.argv = sys.argv, ["fp8mix", "run", *args]
-    rc = 0
+    rc, error = 0, None
     t0 = time.perf_counter()
     try:
         with GpuSampler() if cuda else _nothing() as gpu:
@@ -171,6 +172,9 @@ def run_fp8mix(args: list[str], device) -> dict:
                 cli.main()
             except SystemExit as exc:
                 rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception as exc:  # a crash is a result too: keep the stages measured so far
+                traceback.print_exc()
+                rc, error = 1, f"{type(exc).__name__}: {exc}"[:500]
     finally:
         sys.argv, pipeline.stage_functions = argv, functions
     total = round(time.perf_counter() - t0, 2)
@@ -179,7 +183,7 @@ def run_fp8mix(args: list[str], device) -> dict:
     if cuda:
         memory["torch_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         memory["gpu_peak_used_gib"] = None if gpu.peak_mib is None else round(gpu.peak_mib / 1024, 2)
-    return {"args": args, "rc": rc, "seconds": total, "stages": seconds, "memory": memory}
+    return {"args": args, "rc": rc, "error": error, "seconds": total, "stages": seconds, "memory": memory}
 
 
 class _nothing:
@@ -214,6 +218,8 @@ def table(name: str, res: dict, run: Path) -> str:
                 rest = res["stages"]["study"] - sum(sec or 0 for _, sec in configs)
                 lines.append(f"  {'control, loading':26} {rest:9.2f}")
     lines.append(f"{'total':28} {res['seconds']:9.2f}")
+    if res.get("error"):
+        lines.append(f"error: {res['error']}")
     lines.append("memory: " + ", ".join(f"{k} {v}" for k, v in res["memory"].items()))
     return "\n".join(lines)
 
