@@ -123,3 +123,13 @@ def leave() -> None:
 
 __all__ = ["active", "all_reduce", "barrier", "close", "init", "is_main", "launched", "leave", "local_gpus", "rank",
            "resolve_device", "shard", "world_size"]
+
+
+def release_gpu_cache() -> None:
+    """Hand this process's cached, unused GPU memory back to the driver (before a vLLM engine, a separate process
+    that sizes its KV cache from the GPU's free memory, starts)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import manifest
+from ..distributed import release_gpu_cache
 from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, model_arg, overrides, progress
 from ..rundir import read_json, write_json
@@ -95,6 +96,8 @@ def stage_check(opts: RunOptions, live: bool = True, n_eval: int = 64) -> dict[s
     if live and n_eval and vllm_python() is not None:
         es = eval_set(opts, n_eval, load_processor(path))
         extra, engine = eval_requests(es.samples), engine_settings(es.max_length)
+
+    release_gpu_cache()  # what earlier stages of this process left cached goes to vLLM's engines
 
     def reference() -> dict:
         if "doc" not in cache:

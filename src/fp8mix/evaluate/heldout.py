@@ -32,7 +32,8 @@ def eval_set(opts: RunOptions, n_eval: int, processor) -> EvalSet:
     base = catalog.settings(next(iter(catalog.schemes)), **over)
     data = base.data
     samples = sources.held_out(data, n_eval)
-    calib = {s.fingerprint() for name in catalog.schemes for s in calibration_samples(catalog.settings(name, **over))}
+    distinct = {st.model_dump_json(): st for st in (catalog.settings(name, **over) for name in catalog.schemes)}
+    calib = {s.fingerprint() for st in distinct.values() for s in calibration_samples(st)}  # once per setting
     if calib & {s.fingerprint() for s in samples}:
         raise FP8MixError("the evaluation set shares samples with the calibration set; pass other --data")
     kept, dropped = fitted(processor, samples, base.max_pixels, base.max_length, "evaluation")

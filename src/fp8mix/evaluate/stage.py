@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from contextlib import contextmanager
-
-import torch
 
 from .. import manifest
 from ..data.sources import EVAL_SEED
 from ..check.live import CPU_FORMATS, engine_settings, read_served, serve, vllm_python, write_served
+from ..distributed import release_gpu_cache
 from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, progress, model_arg
 from ..rundir import read_json, write_json
@@ -153,9 +151,7 @@ def stage_eval(opts: RunOptions, n_eval: int = 64, engine: str = "auto") -> dict
         metrics = _emulated(opts, loaded, es, plans, names)
         seconds["transformers"] = round(time.time() - t, 2)
         loaded = net = None  # the GPU memory goes to vLLM's engines
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_gpu_cache()
         rows += [{"scheme": n, "engine": "transformers", **metrics[n], "n_samples": len(es.samples), **sizes[n]}
                  for n in [REFERENCE, *names]]
     if engines["vllm"]:
