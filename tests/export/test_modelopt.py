@@ -72,6 +72,9 @@ def test_static_is_fp8_with_scalar_scales(embedded, static_plan, ct_static, cali
     assert scales and {k.rsplit(".", 1)[1] for k in scales} == {"weight_scale", "input_scale"}
     for k in scales:   # ModelOpt stores per-tensor scales as 0-d float32; same values as compressed-tensors' [1]
         assert mo[k].shape == () and mo[k].dtype == torch.float32 and same_bits(mo[k].reshape(1), ct[k])
+    res = _check(out, static_plan)
+    assert res["ok"], res["failures"]
+    assert res["facts"]["strategy"] == "tensor" and not res["facts"]["dynamic_activations"]
 
 
 def test_block_is_refused(embedded, top50_plan, tmp_path):
@@ -80,3 +83,59 @@ def test_block_is_refused(embedded, top50_plan, tmp_path):
     with pytest.raises(FP8MixError, match="fp8_block.*compressed-tensors"):
         export_modelopt(embedded, {**top50_plan, "fp8_format": "fp8_block"}, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def _check(folder, plan):
+    from fp8mix.check.static import check_static
+    from fp8mix.models import loading
+
+    net, adapter = loading.build_empty(loading.EMBEDDED)
+    return check_static(folder, plan, net, adapter, adapter.layout(net))
+
+
+def _broken(src, dst, ignore_edit=None, tensor_edit=None):
+    """A copy of a ModelOpt checkpoint with config.json's ignore list and/or its tensors edited."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if ignore_edit:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["quantization_config"]["ignore"] = ignore_edit(cfg["quantization_config"]["ignore"])
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if tensor_edit:
+        for f in dst.glob("*.safetensors"):
+            tensors = load_file(f)
+            tensor_edit(tensors)
+            save_file(tensors, f, metadata={"format": "pt"})
+    return dst
+
+
+def test_static_check_judges_by_vllm_modelopt_rules(mo_top50, top50_plan, tmp_path):
+    """The static check reads config.json's ``ignore`` with vLLM's ModelOpt matching and wants [out] scales."""
+    good = _check(mo_top50, top50_plan)
+    assert good["ok"], good["failures"]
+    assert good["facts"]["strategy"] == "channel" and good["facts"]["ignore_entries"] == len(top50_plan["ignore"])
+
+    nothing = _check(_broken(mo_top50, tmp_path / "nothing", lambda ign: ign + ["model.layers.99.mlp.down_proj"]),
+                     top50_plan)["failures"]
+    assert any("ignore entry 'model.layers.99.mlp.down_proj' excludes no layer" in f for f in nothing)
+    assert any("hf_quant_config.json's quant_algo/exclude_modules differ" in f for f in nothing)
+
+    regex = _check(_broken(mo_top50, tmp_path / "regex",
+                           lambda ign: ["re:.*visual.*" if e == "visual*" else e for e in ign]), top50_plan)["failures"]
+    assert any("ignore entry 're:.*visual.*' is a regex" in f for f in regex)
+    assert any("vision-tower linears are not ignored under vLLM's names" in f for f in regex)
+
+    fp8 = "model." + top50_plan["fp8_modules"][0].removeprefix("model.language_model.")
+
+    def column(t):
+        t[fp8 + ".weight_scale"] = t[fp8 + ".weight_scale"].reshape(-1, 1)
+
+    shape = _check(_broken(mo_top50, tmp_path / "shape", tensor_edit=column), top50_plan)["failures"]
+    assert any(f"{fp8}.weight_scale has shape [" in f and "channel strategy needs" in f for f in shape)
+
+    missing = _check(_broken(mo_top50, tmp_path / "missing", tensor_edit=lambda t: t.pop(fp8 + ".weight_scale")),
+                     top50_plan)["failures"]
+    assert f"{fp8} is FP8 but has no weight_scale" in missing

@@ -100,11 +100,12 @@ def test_checkpoints_keep_the_family_naming_and_bf16_parts(run):
     assert ("lm_head.weight" in src) != r["tied"]
 
 
-def test_static_check_passes_compressed_tensors(run):
+def test_static_check_passes_both_formats(run):
     from fp8mix.check.stage import stage_check
 
     results = stage_check(run["opts"], live=False)
-    assert set(results) == {"half", "full"}
+    assert set(results) == {"half", "full", "half-modelopt", "full-modelopt"}
+    assert results["full-modelopt"]["static"]["facts"]["quant_method"] == "modelopt"
     for name, res in results.items():
         assert res["static"]["ok"], (name, res["static"]["failures"])
 

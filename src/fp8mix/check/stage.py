@@ -1,6 +1,7 @@
-"""`fp8mix check`: the static vLLM rule check of every exported checkpoint, then the live vLLM check where vLLM
-is importable: each checkpoint served once, its layers inspected, its outputs compared with the BF16 source served
-by vLLM (see fidelity.py)."""
+"""`fp8mix check`: the static vLLM rule check of every exported checkpoint (a scheme's ModelOpt export beside it,
+``checkpoints/<scheme>-modelopt/``, too, by vLLM's ModelOpt rules), then the live vLLM check where vLLM is
+importable (compressed-tensors checkpoints): each checkpoint served once, its layers inspected, its outputs
+compared with the BF16 source served by vLLM (see fidelity.py)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,13 @@ def stage_check(opts: RunOptions, live: bool = True, n_eval: int = 64) -> dict[s
             write_served(opts.run, name, served)
         write_json(opts.run / "checks" / f"{name}.json", "check", res)
         results[name] = res
+        modelopt = opts.run / "checkpoints" / f"{name}-modelopt"
+        if (modelopt / "config.json").is_file():  # `fp8mix export --format modelopt`: vLLM's ModelOpt rules
+            static = check_static(modelopt, plan, net, adapter, layout)
+            results[modelopt.name] = {"scheme": plan["scheme"], "checkpoint": str(modelopt),
+                                      "fp8_format": plan["fp8_format"], "static": static, "ok": static["ok"],
+                                      "live": {"ran": False, "ok": None, "reason": "ModelOpt: static check only"}}
+            write_json(opts.run / "checks" / f"{modelopt.name}.json", "check", results[modelopt.name])
     manifest.update(opts.run, stages={"check": {"seconds": round(time.time() - t0, 2),
                                                 "failed": sorted(n for n, r in results.items() if not r["ok"])}})
     return results

@@ -3,7 +3,8 @@
 The rules come from vLLM's behaviour with compressed-tensors and ModelOpt checkpoints: fused layers (qkv_proj,
 gate_up_proj) must be one format; ignore entries in HF naming are remapped to vLLM's names but regexes are not;
 a vision tower that slips past the ignore list gets BF16 weights loaded into FP8 parameters; FP8 GEMMs need
-dimensions that are multiples of 16 (128 for block scales).
+dimensions that are multiples of 16 (128 for block scales). A ModelOpt checkpoint is judged by vLLM's ModelOpt
+rules instead where they differ: its exclude list (`ModelOptExcludes`) and its scale shapes.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def _tensor_meta(folder: Path) -> dict[str, tuple[str, list[int]]]:
 
 
 class Matcher:
-    """An ignore/exclude entry as vLLM reads it: `re:` regexes (compressed-tensors, full match, never remapped),
-    fnmatch globs (ModelOpt exclude_modules), or plain module names (remapped from either HF naming)."""
+    """A compressed-tensors ignore entry as vLLM reads it: `re:` regexes (full match, never remapped) or plain
+    module names (remapped from either HF naming); a glob is recognised only to be refused."""
 
     def __init__(self, entry: str):
         self.entry = entry
@@ -59,20 +60,62 @@ class Matcher:
         return name == self.entry or name.startswith(self.entry + ".")
 
 
+# vLLM's packed_modules_mapping for the Qwen VL families: the fused layer each unfused linear on disk loads into
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_OF = {shard: fused for fused, shards in PACKED.items() for shard in shards}
+MODELOPT_ALGOS = {"FP8_PER_CHANNEL_PER_TOKEN": "channel", "FP8": "tensor"}  # the ModelOpt FP8 algos fp8mix writes
+
+
+class ModelOptExcludes:
+    """config.json's quantization_config.ignore as vLLM's ModelOpt loader applies it
+    (vllm/model_executor/layers/quantization/modelopt.py, ModelOptQuantConfigBase). from_config reads ``ignore``
+    from config.json's flat form; ``exclude_modules`` is the key of hf_quant_config.json's nested form, read only
+    when config.json has no quantization_config (weight_utils.get_quant_config). apply_vllm_mapper splits
+    ``path*`` into ``path`` and ``path.*`` and maps every entry through the model's hf_to_vllm_mapper.
+    is_layer_excluded then takes vLLM's layer name (fused: qkv_proj, gate_up_proj) as excluded on an exact name
+    (is_layer_skipped: a fused layer when its shards are listed, an error when only some are), else on substring
+    containment (also with ``language_model.`` stripped), else on an fnmatch wildcard; ``re:`` regexes are not
+    understood. Recent vLLM also keeps any ``*visual*`` layer unquantized unasked; older ones do not, so the list
+    itself must exclude the vision tower."""
+
+    def __init__(self, entries: list[str], adapter: FamilyAdapter):
+        self.mapped = {}
+        for e in entries:
+            split = [e[:-1], e[:-1] + ".*"] if len(e) >= 2 and e[-1] == "*" and e[-2] != "." else [e]
+            self.mapped[e] = [adapter.to_vllm(adapter.to_disk(x)) for x in split]
+
+    @staticmethod
+    def hit(patterns: list[str], name: str) -> bool:
+        """Whether ``patterns`` (mapped entries) exclude the linear that vLLM names ``name`` (unfused)."""
+        head, _, last = name.rpartition(".")
+        layer = f"{head}.{FUSED_OF[last]}" if last in FUSED_OF else name
+        if name in patterns:  # exact (for a fused layer: its own shard; the fused-group check sees partial lists)
+            return True
+        bare = layer.removeprefix("language_model.") if layer.startswith("language_model.") else None
+        return any((p != layer and (p in layer or (bare is not None and p in bare))) or fnmatch.fnmatchcase(layer, p)
+                   for p in patterns)
+
+    def excluded(self, name: str) -> bool:
+        return self.hit([p for ps in self.mapped.values() for p in ps], name)
+
+
 def check_static(folder: Path, plan: dict, model: nn.Module, adapter: FamilyAdapter, layout: ModelLayout) -> dict:
     """Returns {"ok", "failures": [...], "warnings": [...], "facts": {...}}."""
     failures, warnings = [], []
     cfg = json.loads((folder / "config.json").read_text())
     qc = cfg.get("quantization_config") or {}
     method = qc.get("quant_method")
-    entries = qc.get("ignore") if method == "compressed-tensors" else qc.get("exclude_modules")
+    entries = qc.get("ignore")  # both formats: vLLM reads config.json's `ignore` (ModelOpt too, see ModelOptExcludes)
     if method not in ("compressed-tensors", "modelopt"):
         failures.append(f"config.json quantization_config.quant_method is {method!r}; expected compressed-tensors "
                         "or modelopt")
         return {"ok": False, "failures": failures, "warnings": warnings, "facts": {}}
     entries = list(entries or [])
-    matchers = [Matcher(e) for e in entries]
+    modelopt = ModelOptExcludes(entries, adapter) if method == "modelopt" else None
+    matchers = [] if modelopt else [Matcher(e) for e in entries]
     failures += [m.error for m in matchers if m.error]
+    if modelopt:
+        failures += _check_modelopt_config(folder, qc, entries)
     if method == "compressed-tensors" and any(m.kind == "glob" for m in matchers):
         failures += [f"ignore entry {m.entry!r} is a glob: compressed-tensors matches names or re: regexes only"
                      for m in matchers if m.kind == "glob"]
@@ -82,7 +125,18 @@ def check_static(folder: Path, plan: dict, model: nn.Module, adapter: FamilyAdap
                for n in linears}
 
     def ignored(name: str, naming: str) -> bool:
+        if modelopt:  # vLLM maps the entries to its own names and matches only those
+            return modelopt.excluded(namings[name]["vllm"])
         return any(m.matches(namings[name][naming]) for m in matchers)
+
+    if modelopt:  # 1. every exclude entry excludes a real layer under vLLM's ModelOpt matching
+        for e, patterns in modelopt.mapped.items():
+            if e.startswith("re:"):
+                failures.append(f"ignore entry {e!r} is a regex: vLLM's ModelOpt loader matches names, substrings "
+                                "and fnmatch wildcards only")
+            elif not any(modelopt.hit(patterns, namings[n]["vllm"]) for n in linears):
+                failures.append(f"ignore entry {e!r} excludes no layer under vLLM's ModelOpt matching (mapped to "
+                                f"{patterns}; exact name, substring or wildcard)")
 
     # 1. every ignore entry matches a real module; regexes must match the same modules under every naming
     for m in matchers:
@@ -119,8 +173,8 @@ def check_static(folder: Path, plan: dict, model: nn.Module, adapter: FamilyAdap
         strategy = (g0.get("weights") or {}).get("strategy")
         dynamic = bool((g0.get("input_activations") or {}).get("dynamic", True))
     elif method == "modelopt":
-        dynamic = qc.get("quant_algo") != "FP8"
-        strategy = "channel" if dynamic else "tensor"
+        strategy = MODELOPT_ALGOS.get(str(qc.get("quant_algo")).upper())
+        dynamic = strategy != "tensor"
     for n in linears:
         disk = namings[n]["disk"]
         w = meta.get(disk + ".weight")
@@ -140,7 +194,8 @@ def check_static(folder: Path, plan: dict, model: nn.Module, adapter: FamilyAdap
                 failures.append(f"{disk} is FP8 but has no weight_scale")
             else:
                 out_f, in_f = w[1]
-                want = {"channel": [[out_f, 1]], "tensor": [[1], []],
+                # ModelOpt per channel: ChannelQuantScaleParameter [out] (ModelOptFp8PcPtLinearMethod)
+                want = {"channel": [[out_f]] if modelopt else [[out_f, 1]], "tensor": [[1], []],
                         "block": [[math.ceil(out_f / 128), math.ceil(in_f / 128)]]}.get(strategy)
                 if want is not None and scale[1] not in want:
                     failures.append(f"{disk}.weight_scale has shape {scale[1]}, the {strategy} strategy needs {want[0]}")
@@ -191,6 +246,23 @@ def check_static(folder: Path, plan: dict, model: nn.Module, adapter: FamilyAdap
              "fp8_linears": len(fp8_on_disk), "ignore_entries": len(entries), **kv_facts}
     failures = list(dict.fromkeys(failures))
     return {"ok": not failures, "failures": failures, "warnings": warnings, "facts": facts}
+
+
+def _check_modelopt_config(folder: Path, qc: dict, entries: list[str]) -> list[str]:
+    """A quant_algo vLLM's ModelOptFp8Config runs as fp8mix writes it, and an hf_quant_config.json (what tools
+    other than vLLM read) that says the same as config.json (what vLLM reads)."""
+    failures = []
+    algo = str(qc.get("quant_algo")).upper()
+    if algo not in MODELOPT_ALGOS:
+        failures.append(f"quantization_config.quant_algo is {qc.get('quant_algo')!r}; fp8mix's ModelOpt FP8 "
+                        f"checkpoints are {' or '.join(MODELOPT_ALGOS)}")
+    path = folder / "hf_quant_config.json"
+    if path.is_file():
+        hq = (json.loads(path.read_text()) or {}).get("quantization") or {}
+        if str(hq.get("quant_algo")).upper() != algo or list(hq.get("exclude_modules") or []) != entries:
+            failures.append("hf_quant_config.json's quant_algo/exclude_modules differ from config.json's "
+                            "quant_algo/ignore (vLLM reads config.json)")
+    return failures
 
 
 KV_SCHEME = {"type": "float", "num_bits": 8, "symmetric": True, "dynamic": False, "strategy": "tensor"}
