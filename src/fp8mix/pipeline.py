@@ -45,7 +45,7 @@ def stage_io(opts: RunOptions, name: str, catalog_file: Path) -> tuple[list[Path
         "check": (_files(run, "plans/*.json", marks), _files(run, "checks/*.json") or [run / "checks"]),
         "eval": (_files(run, "plans/*.json", marks, "checks/served/*.json"), [run / "eval.json"]),
         "report": ([run / "sensitivity.json", run / "eval.json", catalog_file]
-                   + _files(run, "plans/*.json", "checks/*.json"), [run / "report.md", run / "summary.json"]),
+                   + _files(run, "plans/*.json", "checks/*.json", "bench.json"), [run / "report.md", run / "summary.json"]),
     }.get(name, ([], []))
 
 

@@ -112,3 +112,28 @@ def test_doubled_weight_scale_fails_the_live_check_and_departs(embedded, check_r
     print(f"\ndoubled {DOUBLED}: served reply top-1 {row['top1_reply_agreement']:.4f}, reply top-k KL "
           f"{row['kl_topk_reply_mean']:.4g}; departs: {why}")
     assert why
+
+
+def test_a_format_vllm_cannot_run_here_gets_a_row_that_says_so(check_run, live_checked, tmp_path):
+    """On a CPU, a scheme whose format vLLM's CPU build has no kernels for is not served (no engine start) and its
+    vLLM row says why; the other schemes are served as before."""
+    import json
+    import shutil
+
+    from fp8mix.evaluate.stage import stage_eval
+
+    run = shutil.copytree(check_run.run, tmp_path / "run")
+    plan_file = run / "plans" / "fp8_autoquant_top25.json"
+    plan = json.loads(plan_file.read_text())
+    plan_file.write_text(json.dumps({**plan, "fp8_format": "fp8_static"}))
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fp8mix.evaluate.stage.serve", no_engine)
+        doc = stage_eval(type(check_run)(**{**check_run.__dict__, "run": run}), N_EVAL, "vllm")
+    rows = {r["scheme"]: r for r in doc["rows"]}
+    assert rows["fp8_autoquant_top25"]["served"] is False
+    assert rows["fp8_autoquant_top25"]["reason"] == "not served here: vLLM's CPU build has no kernels for fp8_static"
+    assert all(r["served"] for n, r in rows.items() if n != "fp8_autoquant_top25")

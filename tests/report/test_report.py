@@ -191,3 +191,37 @@ def test_report_puts_served_beside_emulated_and_flags_a_departure(small_run, tmp
     assert list(rec["served_departs"]) == ["fp8_autoquant_top50"] and rec["used_served_figures"]
     assert "fp8_autoquant_top50" not in (rec["serve_default"], rec["smallest"], rec["closest_to_bf16"])
     assert summary["schemes"]["fp8_autoquant_full"]["served"]["tokens_per_s"] == 100.0
+
+
+def test_report_shows_served_speed_from_bench_json(small_run, tmp_path):
+    """A bench.json in the run (fp8mix bench on a GPU) gives the report a speed table, a speed-vs-quality figure
+    and the speed-ups in summary.json; a model that did not run says why."""
+    import shutil
+
+    from fp8mix.bench.stage import BENCH_VERSION, add_speedups
+    from fp8mix.report.stage import stage_report
+    from fp8mix.rundir import write_json
+
+    opts, _ = small_run
+    run = shutil.copytree(opts.run, tmp_path / "run")
+    names = ["bf16", "fp8_autoquant_top25", "fp8_autoquant_full", "fp8_autoquant_bits12"]
+    rows = []
+    for i, name in enumerate(names):
+        speed = 1000.0 * (1 + 0.1 * i)
+        rows.append({"scheme": name, "ok": True, "error": None, "engine_start_s": 60.0, "kv_cache": None,
+                     "workloads": {w: {"median": speed, "spread": 0.02, "metric": "total_tok_s"}
+                                   for w in ("prefill_images", "decode", "mixed")}})
+    rows.append({"scheme": "fp8_autoquant_bits10", "ok": False, "error": "not run: time budget", "workloads": {}})
+    add_speedups(rows)
+    write_json(run / "bench.json", "bench", {"device": {"name": "GPU", "count": 1}, "vllm_version": "0.0-test",
+                                            "repeats": 3, "rows": rows}, version=BENCH_VERSION)
+    stage_report(type(opts)(**{**opts.__dict__, "run": run}))
+    text = (run / "report.md").read_text()
+    assert "## Served speed (vLLM)" in text and "figures/speed.png" in text
+    full = next(ln for ln in text.splitlines() if ln.startswith("| fp8_autoquant_full |") and "×" not in ln
+                and "(±" in ln)
+    assert "1,200 (±2.0%)" in full and "| 1.20 |" in full
+    assert "not run: time budget" in text
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["speed"]["fp8_autoquant_full"]["speedup_vs_bf16"]["mixed"] == pytest.approx(1.2)
+    assert (run / "figures" / "speed.png").read_bytes()[:4] == b"\x89PNG"

@@ -139,3 +139,18 @@ def served_vs_emulated(pairs: dict[str, tuple[dict, dict]], path: Path) -> Path:
         ax.set_ylabel(f"served (vLLM): {label}", fontsize=9)
     fig.suptitle("Served vs emulated quality, per scheme (diagonal: equal)")
     return _save(fig, path)
+
+
+def speed_vs_quality(points: dict[str, tuple[float, float]], workload: str, quality_label: str, path: Path) -> Path:
+    """Each scheme's served speed-up over BF16 against its quality figure (`points`: scheme -> (x, y))."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (x, y) in points.items():
+        ax.scatter(x, max(y, 1e-9), color="#1b9e77", zorder=3)
+        ax.annotate(name.replace("fp8_autoquant_", ""), (x, max(y, 1e-9)), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.axvline(1.0, color="#9aa5b1", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"served speed-up over BF16, {workload} workload (vLLM, median)")
+    ax.set_ylabel(quality_label, fontsize=9)
+    ax.set_title("Speed vs quality")
+    return _save(fig, path)

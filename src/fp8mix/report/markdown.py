@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import served as served_part
+from . import speed as speed_part
 from .figures import group_kinds
 from ..rundir import schema_version
 
@@ -44,6 +45,17 @@ def served_rows(ev: dict) -> dict[str, dict]:
     if schema_version(ev) < 3:
         return {}
     return {r["scheme"]: r for r in ev["rows"] if r["engine"] == "vllm"}
+
+
+def quality_figures(rows: dict[str, dict], served: dict[str, dict]) -> dict[str, float]:
+    """Each scheme's reply top-k KL vs BF16: as served where vLLM served it, else as emulated."""
+    out = {}
+    for n, r in rows.items():
+        s = served.get(n, {})
+        kl = s.get("kl_topk_reply_mean") if s.get("served") else r.get("kl_topk_reply_mean")
+        if kl is not None:
+            out[n] = kl
+    return out
 
 
 def _kl(r: dict) -> float:
@@ -116,7 +128,7 @@ def recommendations(rows: dict[str, dict], plans: dict[str, dict], checks: dict[
 
 
 def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict], ev: dict, manifest: dict,
-           catalog_path: Path, figures: dict[str, str]) -> tuple[str, dict]:
+           catalog_path: Path, figures: dict[str, str], bench: dict | None = None) -> tuple[str, dict]:
     rows, positions = eval_rows(ev)
     served = served_rows(ev)
     bf16 = rows["bf16"]
@@ -273,6 +285,9 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         add("")
 
     L.extend(served_part.section(rows, served, ev.get("top_k", 0), figures.get("served")))
+    L.extend(speed_part.section(bench, quality_figures(rows, served)))
+    if "speed" in figures:
+        L.append(f"![Speed vs quality]({figures['speed']})\n")
 
     add("## vLLM compatibility\n")
     add("| scheme | checkpoint | static rule check | live vLLM load + generate | vLLM |\n|---|---|---|---|---|")
@@ -336,6 +351,9 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         "model": sens["model"], "n_blocks": sens["n_blocks"], "recommendations": rec,
         "consistently_sensitive_blocks": study["consistently_sensitive_blocks"] if study else None,
         "eval_positions": positions,
+        "speed": {r["scheme"]: {"ok": r.get("ok"), "speedup_vs_bf16": r.get("speedup_vs_bf16", {}),
+                                "medians": {w: m.get("median") for w, m in r.get("workloads", {}).items()}}
+                  for r in bench["rows"]} if bench else None,
         "bf16": {k: bf16[k] for k in ("ppl", "answer_accuracy", "answer_exact_match", "lm_weight_bytes")},
         "schemes": {n: {"effective_bits": plans[n]["effective_bits"], "coverage": plans[n]["coverage"],
                         **{k: rows[n][k] for k in ("kl_mean", "kl_p99", "top1_agreement", "kl_reply_mean",

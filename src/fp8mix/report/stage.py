@@ -12,8 +12,9 @@ from .. import manifest
 from ..context import RunOptions, catalog_of
 from ..rundir import read_json, write_json
 from . import figures
-from .markdown import CATALOG_COPY, eval_rows, render, served_rows
+from .markdown import CATALOG_COPY, eval_rows, quality_figures, render, served_rows
 from .served import pairs
+from .speed import points
 
 
 def stage_report(opts: RunOptions) -> Path:
@@ -33,13 +34,18 @@ def stage_report(opts: RunOptions) -> Path:
             "pareto": figures.pareto(list(rows.values()), sens.get("study"), positions, run / "figures" / "pareto.png")}
     if compared:
         figs["served"] = figures.served_vs_emulated(compared, run / "figures" / "served.png")
+    bench = read_json(run / "bench.json", "bench") if (run / "bench.json").is_file() else None
+    speed = points(bench, quality_figures(rows, served_rows(ev)))
+    if speed:
+        figs["speed"] = figures.speed_vs_quality(speed, "mixed", "reply top-k KL vs BF16 (served where measured)",
+                                                 run / "figures" / "speed.png")
     if sens.get("study"):
         figs["stability"] = figures.stability(sens["study"], run / "figures" / "stability.png")
     copy = run / CATALOG_COPY
     if not (copy.is_file() and copy.samefile(cat_path)):
         shutil.copyfile(cat_path, copy)
     text, summary = render(run, sens, plans, checks, ev, man, cat_path,
-                           {k: str(v.relative_to(run)) for k, v in figs.items()})
+                           {k: str(v.relative_to(run)) for k, v in figs.items()}, bench)
     fd, tmp = tempfile.mkstemp(dir=run, prefix=".report.md.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
