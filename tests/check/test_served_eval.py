@@ -137,3 +137,27 @@ def test_a_format_vllm_cannot_run_here_gets_a_row_that_says_so(check_run, live_c
     assert rows["fp8_autoquant_top25"]["served"] is False
     assert rows["fp8_autoquant_top25"]["reason"] == "not served here: vLLM's CPU build has no kernels for fp8_static"
     assert all(r["served"] for n, r in rows.items() if n != "fp8_autoquant_top25")
+
+
+def test_served_outputs_of_another_checkpoint_are_not_reused(check_run, live_checked, tmp_path):
+    """A checkpoint exported again after the check (another export key) is served again, never evaluated from the
+    outputs its predecessor gave."""
+    import json
+    import shutil
+
+    from fp8mix.check.live import folder_key
+    from fp8mix.evaluate.stage import stage_eval
+
+    name = "fp8_autoquant_full"
+    assert read_served(check_run.run, name)["model_key"] == folder_key(check_run.run / "checkpoints" / name)
+    run = shutil.copytree(check_run.run, tmp_path / "run")
+    marker = run / "checkpoints" / name / "fp8mix_plan.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "export_key": "another export"}))
+
+    def engine(folder, *args, **kwargs):
+        raise AssertionError(f"an engine was started for {folder.name}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fp8mix.evaluate.stage.serve", engine)
+        with pytest.raises(AssertionError, match=f"an engine was started for {name}"):
+            stage_eval(type(check_run)(**{**check_run.__dict__, "run": run}), N_EVAL, "vllm")

@@ -87,6 +87,7 @@ def bf16_reference(run: Path, source: Path, fingerprint: str, engine: dict, extr
             return doc
     res = serve(source, requests, engine=engine)
     doc = {"key": key, "extra_key": extra.key() if extra is not None else None, "model": str(source),
+           "model_key": fingerprint,
            "ok": bool(res.get("ok")), "errors": res.get("errors", []),
            "reason": res.get("reason"), "vllm_version": res.get("vllm_version"),
            "timings_s": res.get("timings_s", {}), "outputs": res.get("outputs", {})}

@@ -153,6 +153,20 @@ def serve(folder: Path, requests: RequestSet | None = None, expect_fp8: list[str
     return {"ran": True, **result}
 
 
+def folder_key(folder: Path) -> str:
+    """What identifies the model in `folder` for its served outputs: a checkpoint's export key (its
+    fp8mix_plan.json: the key decides every byte the export wrote), else the source's fingerprint. Served outputs
+    recorded under another key belong to another model and are never reused."""
+    from ..export.marker import MARKER
+    from ..models.loading import fingerprint
+
+    marker = Path(folder) / MARKER
+    if marker.is_file():
+        doc = json.loads(marker.read_text())
+        return doc.get("export_key") or hashlib.sha256(marker.read_bytes()).hexdigest()
+    return fingerprint(Path(folder))
+
+
 def write_served(run: Path, name: str, doc: dict) -> None:
     """Keep what vLLM served for `name` ("bf16" for the source): checks/served/<name>.json."""
     write_json(run / SERVED_DIR / f"{name}.json", "served", doc)

@@ -15,7 +15,7 @@ from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, model_arg, overrides, progress
 from ..rundir import read_json, write_json
 from .fidelity import bf16_reference, compare, probe_requests
-from .live import CPU_FORMATS, RequestSet, engine_settings, serve, vllm_python, write_served
+from .live import CPU_FORMATS, RequestSet, engine_settings, folder_key, serve, vllm_python, write_served
 from .static import check_static, cpu_fp8_kv_cache_reason, kv_head_dim
 
 
@@ -45,7 +45,7 @@ def live_check(folder: Path, plan: dict, adapter, reference: dict, extra: Reques
                       + "; ".join(reference.get("errors") or [reference.get("reason") or "unknown"])[:300] + ")")
     live["errors"] = errors
     live["ok"] = bool(res.get("ok")) and not errors
-    served = {"model": str(folder), "vllm_version": res.get("vllm_version"),
+    served = {"model": str(folder), "model_key": folder_key(folder), "vllm_version": res.get("vllm_version"),
               "extra_key": extra.key() if extra is not None else None, "timings_s": res.get("timings_s", {}),
               "outputs": res.get("outputs", {})} if res.get("outputs") else {}
     return live, served

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 
 from .. import manifest
 from ..data.sources import EVAL_SEED
-from ..check.live import CPU_FORMATS, engine_settings, read_served, serve, vllm_python, write_served
+from ..check.live import (CPU_FORMATS, engine_settings, folder_key, read_served, serve, vllm_python,
+                          write_served)
 from ..distributed import release_gpu_cache
 from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, progress, model_arg
@@ -78,16 +79,17 @@ def _served(opts: RunOptions, source, es, processor, config, plans: dict, names:
         if fmt is not None and not on_gpu and fmt not in CPU_FORMATS:
             rows[name] = {"served": False, "reason": f"not served here: vLLM's CPU build has no kernels for {fmt}"}
             continue
+        folder = source if name == REFERENCE else opts.run / "checkpoints" / name
+        model_key = folder_key(folder)
         doc = read_served(opts.run, name)
-        if doc is None or doc.get("extra_key") != key or not doc.get("outputs"):
-            folder = source if name == REFERENCE else opts.run / "checkpoints" / name
+        if doc is None or (doc.get("extra_key"), doc.get("model_key")) != (key, model_key) or not doc.get("outputs"):
             res = serve(folder, requests, engine=engine)
             if not res.get("outputs") or not res.get("ok"):
                 why = "; ".join(res.get("errors") or [res.get("reason") or "unknown"])[:300]
                 rows[name] = {"served": False, "error": f"vLLM failed to serve {name}: {why}"}
                 continue
-            doc = {"model": str(folder), "vllm_version": res.get("vllm_version"), "extra_key": key,
-                   "timings_s": res.get("timings_s", {}), "outputs": res["outputs"]}
+            doc = {"model": str(folder), "model_key": model_key, "vllm_version": res.get("vllm_version"),
+                   "extra_key": key, "timings_s": res.get("timings_s", {}), "outputs": res["outputs"]}
             write_served(opts.run, name, doc)
         docs[name] = doc
     if REFERENCE not in docs:
