@@ -144,18 +144,32 @@ def test_eval_and_report_name_the_family(run):
 @pytest.mark.vllm
 def test_live_vllm_serves_the_full_scheme_like_the_bf16_source(run):
     """vLLM (CPU build) loads the family's FP8 checkpoint with one FP8 layer per fused group and the vision tower
-    BF16, and its outputs on the probes stay within the live check's tolerances of the BF16 source's."""
+    BF16, and its outputs on the probes stay within the live check's tolerances of the BF16 source's. The same
+    engines serve the evaluation set, and the served eval reads it: vLLM renders the family's chat with the token
+    ids fp8mix's processor gives (else served_tally stops), at every reply position."""
     from fp8mix.check.fidelity import probe_requests
-    from fp8mix.check.live import serve, vllm_python
+    from fp8mix.check.live import engine_settings, serve, vllm_python
     from fp8mix.check.stage import check_folder
+    from fp8mix.evaluate.heldout import eval_set
+    from fp8mix.evaluate.metrics import placeholder_ids
+    from fp8mix.evaluate.served import eval_requests, served_tally
+    from fp8mix.models.processor import load_processor
 
     if vllm_python() is None:
         pytest.skip("vLLM not importable and .venv-vllm missing: make vllm-env builds it")
-    reference = serve(run["folder"], probe_requests(None))
+    proc = load_processor(run["folder"])
+    es = eval_set(run["opts"], 3, proc)
+    extra, engine = eval_requests(es.samples), engine_settings(es.max_length)
+    reference = serve(run["folder"], probe_requests(None).extend(extra), engine=engine)
     assert reference["ran"] and reference["ok"], reference.get("errors")
     net, ad = loading.build_empty(run["folder"])
     plan = _plan(run, "full")
-    res, _ = check_folder(run["ct"]["full"], plan, net, ad, ad.layout(net), True, False, lambda: reference)
+    res, served = check_folder(run["ct"]["full"], plan, net, ad, ad.layout(net), True, False, lambda: reference,
+                               extra, engine)
+    ref_replies = [reference["outputs"][f"eval/{i}/reply"]["text"].strip() for i in range(len(es.samples))]
+    row = served_tally(served["outputs"], reference["outputs"], es.samples, proc, placeholder_ids(net.config),
+                       "full").row(es.samples, ref_replies)
+    assert row["n_reply_positions"] > 0 and row["kl_topk_reply_mean"] >= 0 and row["top1_reply_agreement"] > 0.8, row
     live = res["live"]
     assert res["ok"] and live["ran"] and live["ok"], (live.get("errors"), live.get("reason"))
     fp8 = {n for n, info in live["layers"].items() if info["weight_dtype"] == "float8_e4m3fn"}
