@@ -1,11 +1,11 @@
 """fp8mix's batches give the model exactly what transformers' own processor -> model path gives it.
 
-The reference is the path a user of transformers runs: `processor.apply_chat_template(messages with images,
-tokenize=True, return_dict=True)` then `model(**inputs)` / `model.generate(**inputs)`, one sample at a time (no
-padding). fp8mix's path batches several samples (right-padded for scoring, left-padded for generation) through
-`data.samples.encode`. Qwen2.5-VL's image tokens need their 3-D M-RoPE positions: a batch that loses
-`mm_token_type_ids` falls back to 1-D positions and its logits move by whole nats, far outside these tolerances.
-Both models run in float32.
+The reference is the path a user of transformers runs (tests/transformers_path.py):
+`processor.apply_chat_template(messages with images, tokenize=True, return_dict=True)` then `model(**inputs)` /
+`model.generate(**inputs)`, one sample at a time (no padding). fp8mix's path batches several samples (right-padded
+for scoring, left-padded for generation) through `data.samples.encode`. Qwen2.5-VL's image tokens need their 3-D
+M-RoPE positions: a batch that loses `mm_token_type_ids` falls back to 1-D positions and its logits move by whole
+nats, far outside these tolerances. Both models run in float32.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from fp8mix.data import shapes, real
 from fp8mix.data.samples import encode, model_inputs
-from fp8mix.evaluate.accuracy import greedy_replies
 from random_models import tiny_random_config
+from transformers_path import assert_generation_batch_matches, assert_scoring_batch_matches
 
 ATOL = 2e-4  # float32 logits; padding and batching change summation order only (measured <= 2e-5)
 
@@ -25,21 +25,6 @@ def _samples():
     """Image samples of different sizes (different grids and sequence lengths: real padding), and one text-only."""
     return [shapes.sample("eval", 0), real.photo_sample("eval", 1), shapes.sample("eval", 2),
             real.text_sample("eval", 3), real.photo_sample("eval", 4)]
-
-
-def _official(processor, sample, for_generation: bool) -> dict:
-    """transformers' own processor path: images given inside the messages, the chat template applied by the
-    processor, every output kept."""
-    msgs = sample.prompt_messages() if for_generation else sample.messages
-    images = iter(sample.images)
-    filled = []
-    for m in msgs:
-        content = m["content"]
-        if not isinstance(content, str):
-            content = [{"type": "image", "image": next(images)} if c.get("type") == "image" else c for c in content]
-        filled.append({**m, "content": content})
-    return dict(processor.apply_chat_template(filled, tokenize=True, return_dict=True, return_tensors="pt",
-                                              add_generation_prompt=for_generation))
 
 
 @pytest.fixture(scope="module", params=["embedded", "random_gqa"])
@@ -65,35 +50,12 @@ def model_and_processor(request, embedded, tmp_path_factory):
     return model, load_processor(EMBEDDED)
 
 
-@torch.no_grad()
 def test_scoring_batch_logits_match_transformers_path(model_and_processor):
-    model, proc = model_and_processor
-    samples = _samples()
-    batch = encode(proc, samples)
-    assert batch["attention_mask"].sum(1).unique().numel() > 1, "the batch must hold padding"
-    logits = model(**model_inputs(batch), use_cache=False).logits
-    for row, s in enumerate(samples):
-        ref_in = _official(proc, s, for_generation=False)
-        n = ref_in["input_ids"].shape[1]
-        assert batch["input_ids"][row, :n].equal(ref_in["input_ids"][0])
-        ref = model(**ref_in, use_cache=False).logits[0]
-        torch.testing.assert_close(logits[row, :n], ref, atol=ATOL, rtol=0)
+    assert_scoring_batch_matches(*model_and_processor, _samples(), ATOL)
 
 
-@torch.no_grad()
 def test_generation_batch_matches_transformers_path(model_and_processor):
-    model, proc = model_and_processor
-    samples = _samples()
-    batch = encode(proc, samples, for_generation=True)
-    assert not bool(batch["attention_mask"][:, 0].all()), "the batch must be left-padded"
-    last = model(**model_inputs(batch), use_cache=False).logits[:, -1]
-    replies = greedy_replies(model, proc, samples, max_new_tokens=8)
-    for row, s in enumerate(samples):
-        ref_in = _official(proc, s, for_generation=True)
-        torch.testing.assert_close(last[row], model(**ref_in, use_cache=False).logits[0, -1], atol=ATOL, rtol=0)
-        out = model.generate(**ref_in, max_new_tokens=8, do_sample=False)
-        ref_text = proc.batch_decode(out[:, ref_in["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
-        assert replies[row] == ref_text
+    assert_generation_batch_matches(*model_and_processor, _samples(), 8, ATOL)
 
 
 @torch.no_grad()

@@ -12,9 +12,9 @@ import torch
 
 from fp8mix.data import real, shapes
 from fp8mix.data.samples import encode, model_inputs
-from fp8mix.evaluate.accuracy import greedy_replies
 from fp8mix.models import loading
 from random_models import qwen2_vl_config, qwen3_vl_config, random_model_folder
+from transformers_path import assert_generation_batch_matches, assert_scoring_batch_matches
 
 ATOL = 2e-4  # float32 logits: padding and batching change summation order only
 CONFIGS = {"qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config}
@@ -32,43 +32,12 @@ def _samples():
             real.photo_sample("eval", 4)]
 
 
-def _official(processor, sample, for_generation):
-    msgs = sample.prompt_messages() if for_generation else sample.messages
-    images = iter(sample.images)
-    filled = [{**m, "content": m["content"] if isinstance(m["content"], str) else
-               [{"type": "image", "image": next(images)} if c.get("type") == "image" else c for c in m["content"]]}
-              for m in msgs]
-    return dict(processor.apply_chat_template(filled, tokenize=True, return_dict=True, return_tensors="pt",
-                                              add_generation_prompt=for_generation))
-
-
-@torch.no_grad()
 def test_scoring_batch_logits_match_transformers_path(loaded):
-    model, proc = loaded.model, loaded.processor
-    samples = _samples()
-    batch = encode(proc, samples)
-    assert batch["attention_mask"].sum(1).unique().numel() > 1, "the batch must hold padding"
-    logits = model(**model_inputs(batch), use_cache=False).logits
-    for row, s in enumerate(samples):
-        ref_in = _official(proc, s, for_generation=False)
-        n = ref_in["input_ids"].shape[1]
-        assert batch["input_ids"][row, :n].equal(ref_in["input_ids"][0])
-        torch.testing.assert_close(logits[row, :n], model(**ref_in, use_cache=False).logits[0], atol=ATOL, rtol=0)
+    assert_scoring_batch_matches(loaded.model, loaded.processor, _samples(), ATOL)
 
 
-@torch.no_grad()
 def test_generation_batch_matches_transformers_path(loaded):
-    model, proc = loaded.model, loaded.processor
-    samples = _samples()
-    batch = encode(proc, samples, for_generation=True)
-    assert not bool(batch["attention_mask"][:, 0].all()), "the batch must be left-padded"
-    last = model(**model_inputs(batch), use_cache=False).logits[:, -1]
-    replies = greedy_replies(model, proc, samples, max_new_tokens=6)
-    for row, s in enumerate(samples):
-        ref_in = _official(proc, s, for_generation=True)
-        torch.testing.assert_close(last[row], model(**ref_in, use_cache=False).logits[0, -1], atol=ATOL, rtol=0)
-        out = model.generate(**ref_in, max_new_tokens=6, do_sample=False)
-        assert replies[row] == proc.batch_decode(out[:, ref_in["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    assert_generation_batch_matches(loaded.model, loaded.processor, _samples(), 6, ATOL)
 
 
 @torch.no_grad()
