@@ -143,17 +143,14 @@ class Tally:
             self.kl.append(kl.double().clamp_min(0).cpu())
             self.kl_topk.append(coarse_kl(*topk_partition(ref_lp, lp, got.targets[sl].to(device))).cpu())
             self.agree.append((lp.argmax(-1) == ref_lp.argmax(-1)).cpu())
-        self._count(got)
+        self.count(got.reply, got.nll, got.n_labelled)
 
     def add_reference(self, ref: Outputs) -> None:
         """The reference against itself: KL exactly 0 and full agreement, over the same positions."""
         self.kl.append(torch.zeros(ref.logits.shape[0], dtype=torch.float64))
         self.kl_topk.append(torch.zeros(ref.logits.shape[0], dtype=torch.float64))
         self.agree.append(torch.ones(ref.logits.shape[0], dtype=torch.bool))
-        self._count(ref)
-
-    def _count(self, got: Outputs) -> None:
-        self.count(got.reply, got.nll, got.n_labelled)
+        self.count(ref.reply, ref.nll, ref.n_labelled)
 
     def count(self, reply: torch.Tensor, nll: float, n_labelled: int) -> None:
         """Which of the positions just added are reply positions; the summed NLL of the labelled tokens."""
@@ -193,8 +190,8 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
     Batches are made as they are reached, and the BF16 reference logits are kept on the CPU for one chunk of
     batches at a time: a chunk grows until the next batch's reference would take it past `reference_budget` bytes
     (a chunk holds at least one batch), then every scheme is swapped in once and compared on the chunk. So at most
-    the budget (or one batch's reference, if larger) is held, however large the evaluation set. `progress(items, description)` counts
-    the steps (a batch through one model)."""
+    the budget (or one batch's reference, if larger) is held, however large the evaluation set.
+    `progress(items, description)` counts the steps (a batch through one model)."""
     placeholders = placeholder_ids(model.config)
     tallies = {name: Tally() for name in (REFERENCE, *schemes)}
     chunk: list[tuple[dict, list[ChatSample], Outputs]] = []

@@ -66,7 +66,8 @@ def section(emulated: dict[str, dict], served: dict[str, dict], top_k: int, figu
         e = emulated.get(name, {})
         if not s.get("served"):
             L.append(f"| {name} | {_f(e.get('kl_topk_reply_mean'))} | — | {_f(e.get('top1_reply_agreement'), '.4f')} "
-                     f"| — | {_f(e.get('answer_accuracy'), '.3f')} | — | {e.get('flips_vs_bf16', 'n/a')} | — | — | "
+                     f"| — | {_f(e.get('answer_accuracy'), '.3f')} | — | {e.get('flips_vs_bf16', 'n/a')} "
+                     "| — | — | "
                      f"{s.get('error') or s.get('reason')} |")
             continue
         verdict = "—" if name == "bf16" or not e else (

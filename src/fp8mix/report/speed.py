@@ -3,8 +3,8 @@ workload beside BF16's, next to its quality."""
 
 from __future__ import annotations
 
-WORKLOAD_TITLES = {"prefill_images": "prefill with images (prompt tok/s)", "decode": "small-batch decode (output tok/s)",
-                   "mixed": "mixed (total tok/s)"}
+WORKLOAD_TITLES = {"prefill_images": "prefill with images (prompt tok/s)",
+                   "decode": "small-batch decode (output tok/s)", "mixed": "mixed (total tok/s)"}
 
 
 def _f(x, spec) -> str:
@@ -28,8 +28,8 @@ def section(bench: dict | None, quality: dict[str, float]) -> list[str]:
     L.append("|---|---|" + "---|---|" * len(names) + "---|---|")
     for r in bench["rows"]:
         if not r.get("ok"):
-            L.append(f"| {r['scheme']} | {r.get('kv_cache') or 'bf16'} | " + " | ".join("—" for _ in range(2 * len(names)))
-                     + f" | — | {r.get('error') or 'failed'} |")
+            empty = " | ".join("—" for _ in range(2 * len(names)))
+            L.append(f"| {r['scheme']} | {r.get('kv_cache') or 'bf16'} | {empty} | — | {r.get('error') or 'failed'} |")
             continue
         cells = []
         for w in names:
