@@ -16,11 +16,17 @@ Engines: one per model, sequentially, each in its own process, CUDA graphs and t
 and workloads as ``fp8mix bench`` (``fp8mix.bench.stage.ENGINE``/``WORKLOADS``), 3 repeats after a warm-up. The
 order puts the goal schemes first (bf16, full, full_kv); ``--time-budget`` starts no engine after that many seconds
 (the rest are recorded as not run; ``--schemes`` measures them in another call, bf16 included for the ratios).
+
+Why small-batch decode gains little: ``--decode-sweep`` adds decode at 1, 64 and 256 requests (128 tokens in, 128
+out) to every model, so each scheme's time per decode step is seen from launch-bound to GEMM-bound in the same
+engine; ``--text-only`` serves the models with images off (``limit_mm_per_prompt`` 0: vLLM then runs the model as
+a text model) and only the text workloads, to see what the multimodal path costs a decode step.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,6 +68,36 @@ def model_folders(work: Path, schemes: list[str]) -> dict[str, dict]:
     return out
 
 
+# decode at other batch sizes (same prompts' length as "decode"); output tok/s / requests = decode steps per second
+DECODE_SWEEP = {f"decode_b{n}": {"n": n, "in_tokens": 128, "max_tokens": 128, "images": 0.0,
+                                 "metric": "output_tok_s"} for n in (1, 64, 256)}
+
+
+def workloads_of(decode_sweep: bool, text_only: bool) -> dict:
+    from fp8mix.bench.stage import WORKLOADS
+
+    out = {**WORKLOADS, **(DECODE_SWEEP if decode_sweep else {})}
+    return {k: w for k, w in out.items() if not (text_only and w.get("images"))}
+
+
+def step_table(doc: dict) -> str:
+    """Milliseconds per decode step of each model at each decode batch (all requests decode together)."""
+    names = [w for w in doc["workloads"] if w.startswith("decode")]
+    lines = ["model                     " + "".join(f"{w + ' ms/step':>22s}" for w in names)]
+    for r in doc["rows"]:
+        cells = []
+        for w in names:
+            s = r["workloads"].get(w)
+            if not s:
+                cells.append(f"{'-':>22s}")
+                continue
+            steps = s["output_tokens"] / s["requests"]
+            ms = 1000 * statistics.median(s["seconds"]) / steps
+            cells.append(f"{ms:10.2f} (x{r['speedup_vs_bf16'].get(w, float('nan')):.2f})".rjust(22))
+        lines.append(f"{r['scheme']:26s}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="bench.json to write (fp8mix/bench/v1)")
@@ -70,9 +106,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--time-budget", type=float, default=None, help="start no engine after this many seconds")
     ap.add_argument("--timeout", type=int, default=420, help="seconds one engine may take, start included")
+    ap.add_argument("--decode-sweep", action="store_true", help="also decode at 1, 64 and 256 requests")
+    ap.add_argument("--text-only", action="store_true", help="images off in vLLM; text workloads only")
     args = ap.parse_args()
 
-    from fp8mix.bench.stage import bench_models, device_facts, require_gpu_and_vllm
+    from fp8mix.bench.stage import WARMUP, bench_models, device_facts, require_gpu_and_vllm
     from fp8mix.errors import FP8MixError
 
     try:
@@ -84,14 +122,18 @@ def main() -> int:
     work = Path(args.work)
     models = model_folders(work, [s for s in args.schemes.split(",") if s])
     out = Path(args.out)
+    engine = {"limit_mm_per_prompt": {"image": 0, "video": 0}} if args.text_only else None
     doc = bench_models(models, out, py=sys.executable, repeats=args.repeats, time_budget=args.time_budget,
-                       timeout=args.timeout, meta={"run": None, "device": device_facts(),
-                                                   "model": "Qwen2.5-VL-3B architecture, dummy weights"})
+                       timeout=args.timeout, engine=engine, workloads=workloads_of(args.decode_sweep, args.text_only),
+                       warmup={**WARMUP, "images": 0.0} if args.text_only else None,
+                       meta={"run": None, "device": device_facts(), "text_only": args.text_only,
+                             "model": "Qwen2.5-VL-3B architecture, dummy weights"})
     for r in doc["rows"]:
         cells = ", ".join(f"{w} {s['median']:.0f} tok/s x{r['speedup_vs_bf16'].get(w, float('nan')):.2f} "
                           f"(spread {s['spread']:.1%})" for w, s in r["workloads"].items())
         print(f"{r['scheme']:24s} start {r.get('engine_start_s') or 0:6.1f} s  kv {r.get('kv_cache_dtype')}  "
               f"{cells or r.get('error')}")
+    print(step_table(doc))
     print(f"wrote {out} in {time.time() - t0:.0f} s (engine logs in {out.parent / 'bench'})")
     return 0 if all(r["ok"] for r in doc["rows"]) else 1
 

@@ -87,12 +87,12 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def serve_one(py: str, label: str, model: Path, engine: dict, workloads: dict, repeats: int, work: Path,
-              timeout: int) -> tuple[dict, str]:
+              timeout: int, warmup: dict = WARMUP) -> tuple[dict, str]:
     """One engine start and the workloads, in a child process. Returns (the runner's result, its log)."""
     work.mkdir(parents=True, exist_ok=True)
     spec = {"label": label, "model": str(model), "out": str(work / f"{label}.result.json"), "engine": engine,
             "workloads": {k: {x: v for x, v in w.items() if x != "metric"} for k, w in workloads.items()},
-            "repeats": repeats, "warmup": WARMUP, "seed": 0}
+            "repeats": repeats, "warmup": warmup, "seed": 0}
     spec_path = work / f"{label}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     out = Path(spec["out"])
@@ -114,17 +114,18 @@ def serve_one(py: str, label: str, model: Path, engine: dict, workloads: dict, r
 
 def bench_models(models: dict[str, dict], out: Path, *, py: str, repeats: int = 3, engine: dict | None = None,
                  workloads: dict | None = None, timeout: int = 1200, time_budget: float | None = None,
-                 meta: dict | None = None, progress=None) -> dict:
+                 meta: dict | None = None, progress=None, warmup: dict | None = None) -> dict:
     """Serve each model ({label: {"path", "engine" (extra LLM arguments), "kv_cache"}}) once and write bench.json
     at `out` after every model (a later failure keeps what was measured). `time_budget` (seconds): start no model
-    once that much time has passed; it is recorded as not run."""
+    once that much time has passed; it is recorded as not run. `warmup`: the untimed first call (default WARMUP)."""
     if repeats < 3:
         raise FP8MixError(f"--repeats {repeats}: a median and a spread need at least 3 repeats")
     engine = {**ENGINE, **(engine or {})}
     workloads = workloads or WORKLOADS
+    warmup = warmup or WARMUP
     t0 = time.time()
     rows: list[dict] = []
-    doc = {"run": None, "engine": engine, "workloads": workloads, "repeats": repeats, "warmup": WARMUP,
+    doc = {"run": None, "engine": engine, "workloads": workloads, "repeats": repeats, "warmup": warmup,
            "vllm_version": None, **(meta or {}), "rows": rows}
     labels = list(models)
     it = progress(labels, f"benchmarking {len(labels)} model(s) in vLLM") if progress else labels
@@ -136,7 +137,7 @@ def bench_models(models: dict[str, dict], out: Path, *, py: str, repeats: int = 
                          "error": f"not run: the time budget of {time_budget:.0f} s was spent", "workloads": {}})
         else:
             result, log = serve_one(py, label, Path(m["path"]), {**engine, **m.get("engine", {})}, workloads,
-                                    repeats, work, timeout)
+                                    repeats, work, timeout, warmup)
             rows.append(row_of(label, Path(m["path"]), result, workloads, log, m.get("kv_cache")))
             doc["vllm_version"] = doc["vllm_version"] or result.get("vllm_version")
         add_speedups(rows)
