@@ -40,7 +40,7 @@ def served_eval(check_run, live_checked):
         raise AssertionError("the served eval started an engine: the check's engines served the evaluation set")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fp8mix.evaluate.stage.serve", no_engine)
+        mp.setattr(live_mod.Runner, "serve", no_engine)
         return stage_eval(check_run, N_EVAL, "vllm")
 
 
@@ -131,7 +131,7 @@ def test_a_format_vllm_cannot_run_here_gets_a_row_that_says_so(check_run, live_c
         raise AssertionError("an engine was started")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fp8mix.evaluate.stage.serve", no_engine)
+        mp.setattr(live_mod.Runner, "serve", no_engine)
         doc = stage_eval(type(check_run)(**{**check_run.__dict__, "run": run}), N_EVAL, "vllm")
     rows = {r["scheme"]: r for r in doc["rows"]}
     assert rows["fp8_autoquant_top25"]["served"] is False
@@ -154,10 +154,10 @@ def test_served_outputs_of_another_checkpoint_are_not_reused(check_run, live_che
     marker = run / "checkpoints" / name / "fp8mix_plan.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "export_key": "another export"}))
 
-    def engine(folder, *args, **kwargs):
+    def engine(runner, folder, *args, **kwargs):
         raise AssertionError(f"an engine was started for {folder.name}")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fp8mix.evaluate.stage.serve", engine)
+        mp.setattr(live_mod.Runner, "serve", engine)
         with pytest.raises(AssertionError, match=f"an engine was started for {name}"):
             stage_eval(type(check_run)(**{**check_run.__dict__, "run": run}), N_EVAL, "vllm")

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..data import real, shapes
 from ..data.samples import ChatSample
 from ..rundir import read_json, write_json
-from .live import SERVED_DIR, RequestSet, runner_digest, serve, vllm_python, vllm_version
+from .live import SERVED_DIR, RequestSet, Runner, runner_digest, serve, vllm_python, vllm_version
 
 PROBE_TOKENS = 16
 PROBE_TOP_K = 5
@@ -70,11 +70,12 @@ def reference_key(fingerprint: str, requests: RequestSet, py: str, engine: dict)
             "vllm": vllm_version(py), "engine": engine}
 
 
-def bf16_reference(run: Path, source: Path, fingerprint: str, engine: dict, extra: RequestSet | None = None) -> dict:
+def bf16_reference(run: Path, source: Path, fingerprint: str, engine: dict, extra: RequestSet | None = None,
+                   runner: Runner | None = None) -> dict:
     """vLLM's outputs for the BF16 source on the probes (and `extra` requests), served with `engine`
-    (`live.engine_settings`): read from the run's cache when its key matches, else served now (one engine start)
-    and cached. Returns the cache document: "key", "extra_key", "ok", "errors", "vllm_version", "timings_s",
-    "outputs" (by request id)."""
+    (`live.engine_settings`): read from the run's cache when its key matches, else served now (one engine start,
+    by `runner` or a process of its own) and cached. Returns the cache document: "key", "extra_key", "ok", "errors",
+    "vllm_version", "timings_s", "outputs" (by request id)."""
     requests = probe_requests(None)
     if extra is not None:
         requests.extend(extra)
@@ -85,7 +86,7 @@ def bf16_reference(run: Path, source: Path, fingerprint: str, engine: dict, extr
         doc = read_json(path, "served")
         if doc.get("key") == key:
             return doc
-    res = serve(source, requests, engine=engine)
+    res = (runner.serve if runner is not None else serve)(source, requests, engine=engine)
     doc = {"key": key, "extra_key": extra.key() if extra is not None else None, "model": str(source),
            "model_key": fingerprint,
            "ok": bool(res.get("ok")), "errors": res.get("errors", []),

@@ -1,8 +1,10 @@
 """vLLM as a served engine: vllm_live.py run in an interpreter where vLLM is importable (this one, or .venv-vllm).
 
-One `serve` call is one engine start: it loads a model folder (a checkpoint or the BF16 source), checks its layers,
-and answers a `RequestSet` of chat samples (greedy replies, prompt logprobs, teacher-forced continuations). The live
-check and served evaluations put their requests into the same set, so a checkpoint is loaded once.
+One `Runner.serve` call is one engine start: it loads a model folder (a checkpoint or the BF16 source), checks its
+layers, and answers a `RequestSet` of chat samples (greedy replies, prompt logprobs, teacher-forced continuations).
+A `Runner` is one process that serves several folders in turn (vLLM imported once); `serve` is one folder in a
+process of its own. The live check and served evaluations put their requests into the same set, so a checkpoint is
+loaded once.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import select
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..data.samples import ChatSample
@@ -59,8 +65,9 @@ def vllm_version(py: str) -> str | None:
 
 
 def runner_digest() -> str:
-    """A hash of the runner script: a cached served output is stale when the runner changed."""
-    return hashlib.sha256(SCRIPT.read_bytes() + SCRIPT.with_name("vllm_layers.py").read_bytes()).hexdigest()[:16]
+    """A hash of the runner script and its sibling modules: a cached served output is stale when they changed."""
+    parts = [SCRIPT, SCRIPT.with_name("vllm_layers.py"), SCRIPT.with_name("vllm_engine.py")]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()[:16]
 
 
 class RequestSet:
@@ -119,38 +126,141 @@ class RequestSet:
         return path
 
 
+class Runner:
+    """One vLLM process (vllm_live.py --jobs under `vllm_python()`) that serves model folders in turn: vLLM is
+    imported once, each model gets its own engine, shut down fully before the next one starts. Started at the first
+    `serve` (or `start`), ended by `close` (`with Runner() as runner:`).
+
+    Each model's result comes back as soon as it is served, so a later failure loses nothing already served. A model
+    whose engine crashed the process, ran past `timeout` seconds or could not be shut down cleanly is recorded for
+    that model, and the next model gets a fresh process."""
+
+    def __init__(self, timeout: int = 900) -> None:
+        self.timeout = timeout
+        self.processes = 0      # processes started so far
+        self._proc: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._jobs = 0
+        self._buffer = b""
+        self._log: Path | None = None
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(kill=exc_type is not None)  # interrupted: do not wait for the model in progress
+
+    def start(self) -> bool:
+        """Start the process now (it imports vLLM while the caller prepares requests); False without vLLM."""
+        py = vllm_python()
+        if py is None:
+            return False
+        if self._proc is None:
+            self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="fp8mix-vllm-")
+            self._log = Path(self._tmp.name) / f"vllm-{self.processes}.log"
+            with open(self._log, "wb") as log:
+                self._proc = subprocess.Popen([py, str(SCRIPT), "--jobs"], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+            self._buffer = b""
+            self.processes += 1
+        return True
+
+    def serve(self, folder: Path, requests: RequestSet | None = None, expect_fp8: list[str] = (),
+              expect_bf16: list[str] = (), engine: dict | None = None, timeout: int | None = None) -> dict:
+        """Serve `folder` (`engine`: `engine_settings`, default for 1024-token samples), check the layer
+        expectations, answer `requests`.
+
+        Returns the runner's result (see vllm_live.py) with "ran"; on a crash or a timeout, "ok" False and one line
+        in "errors"."""
+        if not self.start():
+            return {"ran": False, "ok": None, "errors": [],
+                    "reason": "vLLM is not importable here and .venv-vllm is missing (make vllm-env builds it)"}
+        timeout = timeout or self.timeout
+        engine = engine or engine_settings(1024)
+        self._jobs += 1
+        job_dir = Path(self._tmp.name) / f"job-{self._jobs}"
+        out = job_dir / "result.json"
+        job = {"model": str(folder), "out": str(out), "expect_fp8": list(expect_fp8),
+               "expect_bf16": list(expect_bf16), **engine}
+        if requests is not None and requests.requests:
+            job["requests"] = str(requests.write(job_dir / "requests"))
+        log_from = self._log.stat().st_size
+        try:
+            reply = self._send(job, time.monotonic() + timeout)
+        except TimeoutError:
+            self._end(kill=True)
+            return {"ran": True, "ok": False, "errors": [f"vLLM did not finish within {timeout} s"]}
+        finally:
+            shutil.rmtree(job_dir / "requests", ignore_errors=True)
+        if reply is None or reply.get("leftover"):  # the process ended or is ending: the next model gets a new one
+            rc = self._end(kill=False)
+            if not out.is_file():
+                with open(self._log, "rb") as f:
+                    f.seek(log_from)
+                    tail = f.read().decode(errors="replace").strip().splitlines()[-3:]
+                return {"ran": True, "ok": False, "errors": [f"vLLM exited {rc}: {' | '.join(tail)}"]}
+        result = json.loads(out.read_text())
+        shutil.rmtree(job_dir, ignore_errors=True)
+        result.pop("traceback", None)
+        if reply and reply.get("leftover"):
+            result["warnings"] = [*result.get("warnings", []), f"the engine did not shut down cleanly "
+                                  f"({reply['leftover']}): the next model is served by a new process"]
+        return {"ran": True, **result}
+
+    def _send(self, job: dict, deadline: float) -> dict | None:
+        """Send one job and wait for its reply line; None when the process ended without one."""
+        try:
+            self._proc.stdin.write((json.dumps(job) + "\n").encode())
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            return None
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    return None
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _end(self, kill: bool) -> int | None:
+        """End the process (its whole process group when `kill`); its exit status."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if not kill:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                return proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return proc.wait()
+
+    def close(self, kill: bool = False) -> None:
+        """End the process (it has shut each engine down already) and remove the request files."""
+        self._end(kill)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
 def serve(folder: Path, requests: RequestSet | None = None, expect_fp8: list[str] = (),
           expect_bf16: list[str] = (), engine: dict | None = None, timeout: int = 900) -> dict:
-    """Start vLLM once on `folder` (`engine`: `engine_settings`, default for 1024-token samples), check the layer
-    expectations, answer `requests`.
-
-    Returns the runner's result (see vllm_live.py) with "ran"; on a crash or a timeout, "ok" False and one line
-    in "errors"."""
-    py = vllm_python()
-    if py is None:
-        return {"ran": False, "ok": None, "errors": [],
-                "reason": "vLLM is not importable here and .venv-vllm is missing (make vllm-env builds it)"}
-    with tempfile.TemporaryDirectory(prefix="fp8mix-vllm-") as tmp:
-        out = Path(tmp) / "result.json"
-        engine = engine or engine_settings(1024)
-        cmd = [py, str(SCRIPT), "--model", str(folder), "--out", str(out),
-               "--max-model-len", str(engine["max_model_len"]), "--max-num-seqs", str(engine["max_num_seqs"])]
-        if requests is not None and requests.requests:
-            cmd += ["--requests", str(requests.write(Path(tmp) / "requests"))]
-        if expect_fp8:
-            cmd += ["--expect-fp8", ",".join(expect_fp8)]
-        if expect_bf16:
-            cmd += ["--expect-bf16", ",".join(expect_bf16)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"ran": True, "ok": False, "errors": [f"vLLM did not finish within {timeout} s"]}
-        if not out.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return {"ran": True, "ok": False, "errors": [f"vLLM exited {proc.returncode}: {' | '.join(tail)}"]}
-        result = json.loads(out.read_text())
-    result.pop("traceback", None)
-    return {"ran": True, **result}
+    """Serve one model in a process of its own (see `Runner.serve`)."""
+    with Runner(timeout) as runner:
+        return runner.serve(folder, requests, expect_fp8, expect_bf16, engine)
 
 
 def folder_key(folder: Path) -> str:

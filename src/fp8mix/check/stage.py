@@ -15,21 +15,23 @@ from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, model_arg, overrides, progress
 from ..rundir import read_json, write_json
 from .fidelity import bf16_reference, compare, probe_requests
-from .live import CPU_FORMATS, RequestSet, engine_settings, folder_key, serve, vllm_python, write_served
+from .live import (CPU_FORMATS, RequestSet, Runner, engine_settings, folder_key, serve, vllm_python,
+                   write_served)
 from .static import check_static, cpu_fp8_kv_cache_reason, kv_head_dim
 
 
 def live_check(folder: Path, plan: dict, adapter, reference: dict, extra: RequestSet | None = None,
-               engine: dict | None = None) -> tuple[dict, dict]:
-    """Serve one checkpoint (one engine start): layer dtypes, load warnings, outputs against the BF16 reference.
-    Returns (the live verdict, the served document: outputs by request id, timings, vLLM version)."""
+               engine: dict | None = None, runner: Runner | None = None) -> tuple[dict, dict]:
+    """Serve one checkpoint (one engine start, by `runner` or a process of its own): layer dtypes, load warnings,
+    outputs against the BF16 reference. Returns (the live verdict, the served document: outputs by request id,
+    timings, vLLM version)."""
     fp8 = [adapter.to_disk(m) for m in plan["fp8_modules"]]
     bf16 = [adapter.to_disk(m) for m in plan["bf16_modules"]]
     ref_ok = reference.get("ok")
     requests = probe_requests(reference["outputs"] if ref_ok else None)
     if extra is not None:
         requests.extend(extra)
-    res = serve(folder, requests, fp8, bf16, engine=engine)
+    res = (runner.serve if runner is not None else serve)(folder, requests, fp8, bf16, engine=engine)
     if not res["ran"]:
         return {"ran": False, "ok": None, "reason": res["reason"]}, {}
     errors = list(res.get("errors", []))
@@ -53,7 +55,7 @@ def live_check(folder: Path, plan: dict, adapter, reference: dict, extra: Reques
 
 def check_folder(folder: Path, plan: dict, net, adapter, layout, live: bool, on_gpu: bool,
                  reference: Callable[[], dict] | None = None, extra: RequestSet | None = None,
-                 engine: dict | None = None) -> tuple[dict, dict]:
+                 engine: dict | None = None, runner: Runner | None = None) -> tuple[dict, dict]:
     """The static check, then (when `live` and the format runs here) the live check against `reference()`, the
     BF16 source's served outputs. Returns (the verdict, the served document; empty when nothing was served)."""
     static = check_static(folder, plan, net, adapter, layout)
@@ -72,7 +74,7 @@ def check_folder(folder: Path, plan: dict, net, adapter, layout, live: bool, on_
     elif reference is None:
         raise FP8MixError("the live check needs the BF16 source's served outputs")
     else:
-        result["live"], outputs = live_check(folder, plan, adapter, reference(), extra, engine)
+        result["live"], outputs = live_check(folder, plan, adapter, reference(), extra, engine, runner)
     result["ok"] = static["ok"] and result["live"]["ok"] is not False
     return result, outputs
 
@@ -81,14 +83,32 @@ def stage_check(opts: RunOptions, live: bool = True, n_eval: int = 64) -> dict[s
     """Check every scheme's checkpoint. With the live check, the engines also serve the evaluation set of
     `n_eval` held-out samples (`evaluate.served.eval_requests`; none when 0), the BF16 source's included, so
     that the served eval loads no checkpoint again; every engine's outputs are written to
-    checks/served/<name>.json (`live.served_outputs` reads them)."""
+    checks/served/<name>.json (`live.served_outputs` reads them) as soon as it is served. One vLLM process
+    (`live.Runner`) serves them all in turn."""
+    t0 = time.time()
+    with Runner() as runner:
+        results = _check_all(opts, live, n_eval, runner)
+    manifest.update(opts.run, stages={"check": {"seconds": round(time.time() - t0, 2),
+                                                "failed": sorted(n for n, r in results.items() if not r["ok"])}})
+    return results
+
+
+def _check_all(opts: RunOptions, live: bool, n_eval: int, runner: Runner) -> dict[str, dict]:
     from ..evaluate.heldout import eval_set
     from ..evaluate.served import eval_requests
     from ..models import loading
     from ..models.processor import load_processor
 
-    t0 = time.time()
     catalog, _ = catalog_of(opts)
+    on_gpu = not opts.device.startswith("cpu")
+    plans = {}
+    for name in catalog.schemes:
+        folder = opts.run / "checkpoints" / name
+        if not (folder / "config.json").is_file():
+            raise FP8MixError(f"{folder} is missing: run fp8mix export --run {opts.run} first")
+        plans[name] = read_json(opts.run / "plans" / f"{name}.json", "plan")
+    if live and any(on_gpu or plan["fp8_format"] in CPU_FORMATS for plan in plans.values()):
+        runner.start()  # vLLM is imported while the checkpoints are checked statically
     _, path = loading.resolve(model_arg(opts))
     net, adapter = loading.build_empty(path)
     layout = adapter.layout(net)
@@ -102,17 +122,13 @@ def stage_check(opts: RunOptions, live: bool = True, n_eval: int = 64) -> dict[s
 
     def reference() -> dict:
         if "doc" not in cache:
-            cache["doc"] = bf16_reference(opts.run, path, loading.fingerprint(path), engine, extra)
+            cache["doc"] = bf16_reference(opts.run, path, loading.fingerprint(path), engine, extra, runner)
         return cache["doc"]
 
     results = {}
     for name in progress(list(catalog.schemes), "checking checkpoints (vLLM rules, live vLLM)"):
-        folder = opts.run / "checkpoints" / name
-        if not (folder / "config.json").is_file():
-            raise FP8MixError(f"{folder} is missing: run fp8mix export --run {opts.run} first")
-        plan = read_json(opts.run / "plans" / f"{name}.json", "plan")
-        res, served = check_folder(folder, plan, net, adapter, layout, live, not opts.device.startswith("cpu"),
-                                   reference, extra, engine)
+        folder, plan = opts.run / "checkpoints" / name, plans[name]
+        res, served = check_folder(folder, plan, net, adapter, layout, live, on_gpu, reference, extra, engine, runner)
         if served:
             write_served(opts.run, name, served)
         write_json(opts.run / "checks" / f"{name}.json", "check", res)
@@ -124,7 +140,4 @@ def stage_check(opts: RunOptions, live: bool = True, n_eval: int = 64) -> dict[s
                                       "fp8_format": plan["fp8_format"], "static": static, "ok": static["ok"],
                                       "live": {"ran": False, "ok": None, "reason": "ModelOpt: static check only"}}
             write_json(opts.run / "checks" / f"{modelopt.name}.json", "check", results[modelopt.name])
-    manifest.update(opts.run, stages={"check": {"seconds": round(time.time() - t0, 2),
-                                                "failed": sorted(n for n, r in results.items() if not r["ok"])}})
     return results
-

@@ -1,12 +1,20 @@
-"""Serve a checkpoint with vLLM once: load it, inspect every linear layer, answer a file of chat requests, write
-one JSON result. The live check and served evaluations share this engine start.
+"""Serve checkpoints with vLLM: load each, inspect every linear layer, answer a file of chat requests, write one
+JSON result per model. The live check and served evaluations share these engine starts.
 
 Standalone on purpose: it runs under the vLLM venv (.venv-vllm, built by scripts/make_vllm_env.sh), where fp8mix is
-not installed, so it imports only vllm, torch, PIL and the standard library:
+not installed, so it imports only vllm, torch, PIL, its sibling modules and the standard library:
 
     .venv-vllm/bin/python src/fp8mix/check/vllm_live.py --model DIR --out result.json \
         [--requests requests.json] [--expect-fp8 NAME,NAME,...] [--expect-bf16 NAME,...] [--log vllm.log] \
         [--max-model-len 1024] [--max-num-seqs 16]
+    .venv-vllm/bin/python src/fp8mix/check/vllm_live.py --jobs      # several models, one after the other
+
+Jobs mode (``--jobs``) serves several models in one process, so vLLM is imported once: one JSON job per line on
+stdin ({"model", "out", "requests", "expect_fp8": [...], "expect_bf16": [...], "max_model_len", "max_num_seqs",
+"log"}: the options above), one reply line per job on stdout ({"out", "rc", "leftover"}) once its result file is
+written; everything else the process prints goes to stderr. One engine at a time: each is shut down fully before
+the next starts (vllm_engine.py); when one leaves something behind (``leftover`` says what), the process replies and
+ends, and the caller starts a fresh one for the next model. vLLM is imported before the first job arrives.
 
 Layer expectations. NAMEs may be vLLM layer names (``language_model.model.layers.1.self_attn.qkv_proj``), HF names
 in either naming (``model.layers.1.self_attn.q_proj``, ``model.language_model.layers.1.mlp.gate_proj``: mapped with
@@ -42,8 +50,10 @@ JSON written to --out (always, also on failure):
                       "continuation": {"token_ids", "logprobs", "ranks", "top": [[[token, logprob], ...], ...]}}},
      "engine": {...}, "warnings": [...], "errors": [...], "timings_s": {...}}
 ``prompt_logprobs[i]`` is the distribution of prompt token i given tokens < i (entry 0 is null); ``logprob`` and
-``rank`` are those of the prompt's own token i. Exit status: 0 ok, 1 a check failed, 2 vLLM raised (load or
-generation) or the request file is invalid.
+``rank`` are those of the prompt's own token i. ``timings_s``: ``import`` (vLLM's import, paid by the first model
+of a process, 0 after), ``engine_start``, ``load`` (the two together), ``serve`` with its parts, ``shutdown``,
+``total``. Exit status (one model): 0 ok, 1 a check failed, 2 vLLM raised (load or generation) or the request file
+is invalid.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so ``LLM.apply_model`` hands us the real
 ``torch.nn.Module`` and vLLM's log records reach our handler. Any "Attempted to load weight ..." warning (a BF16
@@ -61,7 +71,8 @@ import time
 import traceback
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its sibling module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its sibling modules
+from vllm_engine import Engine  # noqa: E402
 from vllm_layers import check_expectations, inspect_layers  # noqa: E402
 
 
@@ -77,6 +88,10 @@ def _set_env() -> None:
 
 
 LOAD_WARNING_PATTERNS = (re.compile(r"Attempted to load weight"),)
+# What vLLM logs when a second engine starts in the same process (its kernel overrides and distributed identity
+# set again): not the model's warnings, so left out of its result
+REUSE_NOISE = (re.compile(r"Kernel \S+ is already registered\. Overwriting"),
+               re.compile(r"Unknown vLLM environment variable detected: VLLM_DIST_IDENT"))
 SMOKE_TOKENS = 8
 REQUEST_KEYS = {"id", "messages", "images", "add_generation_prompt", "max_tokens", "ignore_eos", "prompt_logprobs",
                 "continuation", "continuation_logprobs"}
@@ -302,59 +317,62 @@ def _split(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="checkpoint folder")
-    ap.add_argument("--out", required=True, help="JSON result file")
-    ap.add_argument("--requests", default=None, help="JSON file of chat requests (default: a smoke test)")
-    ap.add_argument("--expect-fp8", default="", help="comma-separated layer names that must be float8_e4m3fn")
-    ap.add_argument("--expect-bf16", default="", help="comma-separated layer names that must be bfloat16")
-    ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--max-num-seqs", type=int, default=16)
-    ap.add_argument("--log", default=None, help="also write every captured vLLM log line here")
-    args = ap.parse_args(argv)
-    _set_env()
+def _import_vllm(state: dict) -> None:
+    """Import torch and vLLM once per process; the first model served reports the time and the warnings."""
+    if "import_s" in state:
+        return
+    t = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch  # noqa: F401
+        import vllm  # noqa: F401
+    state["import_s"] = round(time.perf_counter() - t, 2)
+    state["unreported"] = {"import": state["import_s"], "warnings": caught}
 
-    result: dict = {"ok": False, "vllm_version": None, "torch_version": None, "model": os.path.abspath(args.model),
+
+def serve_model(job: dict, capture: _Capture, state: dict) -> tuple[int, str | None]:
+    """Serve one model (a job: model, out, requests, expect_fp8, expect_bf16, max_model_len, max_num_seqs, log):
+    start its engine, inspect its layers, answer its requests, shut the engine down, write the result to
+    job["out"]. Returns (exit status, None or what the engine left that keeps this process from starting another)."""
+    engine = {"max_model_len": int(job.get("max_model_len", 1024)), "max_num_seqs": int(job.get("max_num_seqs", 16))}
+    result: dict = {"ok": False, "vllm_version": None, "torch_version": None, "model": os.path.abspath(job["model"]),
                     "quantization": None, "layers": {}, "expectations": {}, "outputs": {}, "warnings": [],
                     "errors": [], "timings_s": {},
-                    "engine": {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-                               "dtype": "bfloat16", "enforce_eager": True, "enable_prefix_caching": False}}
-    capture = _Capture()
-    rc = 2
+                    "engine": {**engine, "dtype": "bfloat16", "enforce_eager": True, "enable_prefix_caching": False}}
+    unreported = {"import": 0.0, "warnings": []}
+    rc, eng = 2, None
     t0 = time.perf_counter()
     try:
-        requests = load_requests(args.requests) if args.requests else _smoke_requests()
+        _import_vllm(state)
+        import torch
+        import vllm
+
+        result["vllm_version"], result["torch_version"] = vllm.__version__, torch.__version__
+        unreported = state.pop("unreported", unreported)
+        t0 = time.perf_counter()
+        requests = load_requests(job["requests"]) if job.get("requests") else _smoke_requests()
         n_images = max(sum(1 for _ in r["images"]) for r in requests)
         with warnings.catch_warnings(record=True) as py_warnings:
             warnings.simplefilter("always")
-            capture.install()
-            import torch
-            import vllm
-            from vllm import LLM
-
-            result["vllm_version"] = vllm.__version__
-            result["torch_version"] = torch.__version__
-
-            llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, enable_prefix_caching=False,
-                      limit_mm_per_prompt={"image": max(1, n_images), "video": 0}, seed=0)
-            result["timings_s"]["load"] = round(time.perf_counter() - t0, 2)
-            result["quantization"] = llm.llm_engine.model_config.quantization
-
-            info = llm.apply_model(inspect_layers)[0]
-            result["model_class"] = info["model_class"]
-            result["layers"] = info["layers"]
-            if not info["layers"]:
-                result["errors"].append("no linear layer found in vLLM's model")
-            expect = {"float8_e4m3fn": _split(args.expect_fp8), "bfloat16": _split(args.expect_bf16)}
-            result["expectations"] = check_expectations(info["layers"], info["mapper"], info["packed"], expect,
-                                                         result["errors"])
-            t1 = time.perf_counter()
-            result["outputs"] = serve(llm, requests, result["errors"], result["timings_s"])
-            result["timings_s"]["serve"] = round(time.perf_counter() - t1, 2)
-            result["n_requests"] = len(requests)
-        for w in py_warnings:  # deprecation noise from torch/transformers is left out
+            eng = Engine(model=job["model"], dtype="bfloat16", enforce_eager=True, enable_prefix_caching=False,
+                         limit_mm_per_prompt={"image": max(1, n_images), "video": 0}, seed=0, **engine)
+            with eng:  # never bind eng.llm to a name here: the engine's memory must go when it shuts down
+                result["timings_s"]["engine_start"] = round(time.perf_counter() - t0, 2)
+                result["quantization"] = eng.llm.llm_engine.model_config.quantization
+                info = eng.llm.apply_model(inspect_layers)[0]
+                result["model_class"] = info["model_class"]
+                result["layers"] = info["layers"]
+                if not info["layers"]:
+                    result["errors"].append("no linear layer found in vLLM's model")
+                expect = {"float8_e4m3fn": list(job.get("expect_fp8") or ()),
+                          "bfloat16": list(job.get("expect_bf16") or ())}
+                result["expectations"] = check_expectations(info["layers"], info["mapper"], info["packed"], expect,
+                                                             result["errors"])
+                t1 = time.perf_counter()
+                result["outputs"] = serve(eng.llm, requests, result["errors"], result["timings_s"])
+                result["timings_s"]["serve"] = round(time.perf_counter() - t1, 2)
+                result["n_requests"] = len(requests)
+        for w in [*unreported["warnings"], *py_warnings]:  # deprecation noise from torch/transformers is left out
             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
                 result["warnings"].append(f"{w.category.__name__}: {w.message}")
         rc = 0
@@ -363,27 +381,87 @@ def main(argv: list[str] | None = None) -> int:
         result["traceback"] = traceback.format_exc()[-6000:]
         rc = 2
     finally:
-        result["warnings"] = list(dict.fromkeys(capture.lines(logging.WARNING) + result["warnings"]))
-        for line in capture.lines(logging.WARNING):
+        logged = [line for line in capture.lines(logging.WARNING) if not any(p.search(line) for p in REUSE_NOISE)]
+        result["warnings"] = list(dict.fromkeys(logged + result["warnings"]))
+        for line in logged:
             if any(p.search(line) for p in LOAD_WARNING_PATTERNS):
                 result["errors"].append(f"weight load warning: {line}")
-        result["timings_s"]["total"] = round(time.perf_counter() - t0, 2)
+        if eng is not None and eng.shutdown_s is not None:
+            result["timings_s"]["shutdown"] = eng.shutdown_s
+        if "engine_start" in result["timings_s"]:  # what starting this model's engine cost, vLLM's import included
+            result["timings_s"]["import"] = unreported["import"]
+            result["timings_s"]["load"] = round(unreported["import"] + result["timings_s"]["engine_start"], 2)
+        result["timings_s"]["total"] = round(time.perf_counter() - t0 + unreported["import"], 2)
         if rc == 0 and result["errors"]:
             rc = 1
         result["ok"] = rc == 0
-        out = os.path.abspath(args.out)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = f"{out}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1, sort_keys=True, default=str)
-        os.replace(tmp, out)
-        if args.log:
-            with open(args.log, "w") as f:
+        _write_json(job["out"], result)
+        if job.get("log"):
+            with open(job["log"], "w") as f:
                 f.write("\n".join(capture.lines()) + "\n")
+        capture.records.clear()
         status = "OK" if result["ok"] else "FAILED: " + "; ".join(result["errors"])[:2000]
         print(f"vllm_live: {status} ({len(result['layers'])} layers, {len(result['outputs'])} requests, "
-              f"{result['timings_s'].get('total')} s) -> {args.out}", file=sys.stderr)
-    return rc
+              f"{result['timings_s'].get('total')} s) -> {job['out']}", file=sys.stderr, flush=True)
+    return rc, eng.leftover if eng is not None else None
+
+
+def _write_json(path: str, doc: dict) -> None:
+    """Written to a temporary name, then renamed: never half-written at `path`."""
+    out = os.path.abspath(path)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, out)
+
+
+def serve_jobs(capture: _Capture) -> int:
+    """Jobs mode: one job per line on stdin, one reply line per job on stdout ({"out", "rc", "leftover"}); ends at
+    the end of stdin, or after replying to a job whose engine left something behind (the caller starts a fresh
+    process for the next model). Everything else this process prints goes to stderr."""
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    state: dict = {}
+    try:
+        _import_vllm(state)  # while the caller prepares the first model's requests
+    except Exception:  # the first job imports again and reports the error
+        state.clear()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        rc, leftover = serve_model(job, capture, state)
+        replies.write(json.dumps({"out": job["out"], "rc": rc, "leftover": leftover}) + "\n")
+        if leftover:
+            print(f"vllm_live: ending this process: {leftover}", file=sys.stderr, flush=True)
+            break
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", action="store_true", help="serve several models: JSON jobs on stdin, replies on stdout")
+    ap.add_argument("--model", help="checkpoint folder")
+    ap.add_argument("--out", help="JSON result file")
+    ap.add_argument("--requests", default=None, help="JSON file of chat requests (default: a smoke test)")
+    ap.add_argument("--expect-fp8", default="", help="comma-separated layer names that must be float8_e4m3fn")
+    ap.add_argument("--expect-bf16", default="", help="comma-separated layer names that must be bfloat16")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--log", default=None, help="also write every captured vLLM log line here")
+    args = ap.parse_args(argv)
+    if not args.jobs and not (args.model and args.out):
+        ap.error("--model and --out are required (or --jobs)")
+    _set_env()
+    capture = _Capture()
+    capture.install()
+    if args.jobs:
+        return serve_jobs(capture)
+    job = {"model": args.model, "out": args.out, "requests": args.requests, "expect_fp8": _split(args.expect_fp8),
+           "expect_bf16": _split(args.expect_bf16), "max_model_len": args.max_model_len,
+           "max_num_seqs": args.max_num_seqs, "log": args.log}
+    return serve_model(job, capture, {})[0]
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ from contextlib import contextmanager
 
 from .. import manifest
 from ..data.sources import EVAL_SEED
-from ..check.live import (CPU_FORMATS, engine_settings, folder_key, read_served, serve, vllm_python,
-                          write_served)
+from ..check.live import CPU_FORMATS, Runner, engine_settings, folder_key, read_served, vllm_python, write_served
 from ..distributed import release_gpu_cache
 from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, progress, model_arg
 from ..rundir import read_json, write_json
 from ..score.batches import make_batches
+from ..timing import Phases
 from .checkpoint import checkpoint_bytes, scheme_applied
 from .heldout import eval_set
 from .metrics import REFERENCE, TOP_K, evaluate, placeholder_ids
@@ -46,8 +46,10 @@ POSITIONS = {
 }
 
 
-def _emulated(opts: RunOptions, loaded, es, plans: dict, names: list[str]) -> dict[str, dict]:
-    """Each model's metrics in transformers, the checkpoints' FP8 layers swapped into the BF16 model in turn."""
+def _emulated(opts: RunOptions, loaded, es, plans: dict, names: list[str], phases: dict[str, Phases]
+              ) -> dict[str, dict]:
+    """Each model's metrics in transformers, the checkpoints' FP8 layers swapped into the BF16 model in turn;
+    `phases` gets each model's seconds by phase."""
     model, proc, adapter = loaded.model, loaded.processor, loaded.adapter
 
     def applied(name: str):
@@ -63,35 +65,37 @@ def _emulated(opts: RunOptions, loaded, es, plans: dict, names: list[str]) -> di
     batch_samples = [es.samples[k:k + BATCH_SIZE] for k in range(0, len(es.samples), BATCH_SIZE)]
     return evaluate(model, proc, batch_samples,
                     lambda chunk: make_batches(proc, chunk, len(chunk), es.max_length, opts.device)[0],
-                    {name: applied(name) for name in names}, progress=progress)
+                    {name: applied(name) for name in names}, progress=progress, phases=phases)
 
 
 def _served(opts: RunOptions, source, es, processor, config, plans: dict, names: list[str]) -> dict[str, dict]:
     """Each model as vLLM serves it: outputs the check stage kept (same requests) or served now, one engine start
-    per model. A model whose format vLLM cannot run here gets a row that says so."""
+    per model, all in one vLLM process (`Runner`, started only when a model must be served). A model whose format
+    vLLM cannot run here gets a row that says so."""
     requests = eval_requests(es.samples)
     key = requests.key()
     engine = engine_settings(es.max_length)
     on_gpu = not opts.device.startswith("cpu")
     docs, rows = {}, {}
-    for name in progress([REFERENCE, *names], "serving the evaluation set in vLLM"):
-        fmt = plans[name]["fp8_format"] if name != REFERENCE else None
-        if fmt is not None and not on_gpu and fmt not in CPU_FORMATS:
-            rows[name] = {"served": False, "reason": f"not served here: vLLM's CPU build has no kernels for {fmt}"}
-            continue
-        folder = source if name == REFERENCE else opts.run / "checkpoints" / name
-        model_key = folder_key(folder)
-        doc = read_served(opts.run, name)
-        if doc is None or (doc.get("extra_key"), doc.get("model_key")) != (key, model_key) or not doc.get("outputs"):
-            res = serve(folder, requests, engine=engine)
-            if not res.get("outputs") or not res.get("ok"):
-                why = "; ".join(res.get("errors") or [res.get("reason") or "unknown"])[:300]
-                rows[name] = {"served": False, "error": f"vLLM failed to serve {name}: {why}"}
+    with Runner() as runner:
+        for name in progress([REFERENCE, *names], "serving the evaluation set in vLLM"):
+            fmt = plans[name]["fp8_format"] if name != REFERENCE else None
+            if fmt is not None and not on_gpu and fmt not in CPU_FORMATS:
+                rows[name] = {"served": False, "reason": f"not served here: vLLM's CPU build has no kernels for {fmt}"}
                 continue
-            doc = {"model": str(folder), "model_key": model_key, "vllm_version": res.get("vllm_version"),
-                   "extra_key": key, "timings_s": res.get("timings_s", {}), "outputs": res["outputs"]}
-            write_served(opts.run, name, doc)
-        docs[name] = doc
+            folder = source if name == REFERENCE else opts.run / "checkpoints" / name
+            model_key = folder_key(folder)
+            doc = read_served(opts.run, name)
+            if not doc or (doc.get("extra_key"), doc.get("model_key")) != (key, model_key) or not doc.get("outputs"):
+                res = runner.serve(folder, requests, engine=engine)
+                if not res.get("outputs") or not res.get("ok"):
+                    why = "; ".join(res.get("errors") or [res.get("reason") or "unknown"])[:300]
+                    rows[name] = {"served": False, "error": f"vLLM failed to serve {name}: {why}"}
+                    continue
+                doc = {"model": str(folder), "model_key": model_key, "vllm_version": res.get("vllm_version"),
+                       "extra_key": key, "timings_s": res.get("timings_s", {}), "outputs": res["outputs"]}
+                write_served(opts.run, name, doc)
+            docs[name] = doc
     if REFERENCE not in docs:
         why = rows[REFERENCE].get("error")
         return {n: {"served": False, "error": f"no served BF16 reference ({why})"} for n in [REFERENCE, *names]}
@@ -114,6 +118,7 @@ def stage_eval(opts: RunOptions, n_eval: int = 64, engine: str = "auto") -> dict
     if engine not in ENGINES:
         raise FP8MixError(f"unknown --engine {engine!r}; engines: {', '.join(ENGINES)}")
     t0 = time.time()
+    phases, per_model = Phases(), {}
     catalog, _ = catalog_of(opts)
     names = list(catalog.schemes)
     plans = {}
@@ -130,27 +135,30 @@ def stage_eval(opts: RunOptions, n_eval: int = 64, engine: str = "auto") -> dict
                (engine == "auto" and has_vllm)}
 
     model_id, path = loading.resolve(model_arg(opts))
-    if engines["transformers"]:
-        loaded = loading.load(model_arg(opts), device=opts.device, device_map=opts.device_map)
-        net, proc, adapter, layout = loaded.model, loaded.processor, loaded.adapter, loaded.layout
-    else:
-        net, adapter = loading.build_empty(path)
-        proc, layout = load_processor(path), adapter.layout(net)
-    es = eval_set(opts, n_eval, proc)
+    with phases("load"):
+        if engines["transformers"]:
+            loaded = loading.load(model_arg(opts), device=opts.device, device_map=opts.device_map)
+            net, proc, adapter, layout = loaded.model, loaded.processor, loaded.adapter, loaded.layout
+        else:
+            net, adapter = loading.build_empty(path)
+            proc, layout = load_processor(path), adapter.layout(net)
+    with phases("eval_set"):
+        es = eval_set(opts, n_eval, proc)
     config = net.config
     lm_linears = set(adapter.all_lm_linears(net))
     sizes = {REFERENCE: {"lm_weight_bytes": 2 * layout.lm_linear_params,
                          "checkpoint_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
                          "effective_bits": 16.0}}
-    for name in names:
-        lm_bytes, total = checkpoint_bytes(opts.run / "checkpoints" / name, adapter, lm_linears)
-        sizes[name] = {"lm_weight_bytes": lm_bytes, "checkpoint_bytes": total,
-                       "effective_bits": plans[name]["effective_bits"]}
+    with phases("sizes"):
+        for name in names:
+            lm_bytes, total = checkpoint_bytes(opts.run / "checkpoints" / name, adapter, lm_linears)
+            sizes[name] = {"lm_weight_bytes": lm_bytes, "checkpoint_bytes": total,
+                           "effective_bits": plans[name]["effective_bits"]}
 
     rows, seconds = [], {}
     if engines["transformers"]:
         t = time.time()
-        metrics = _emulated(opts, loaded, es, plans, names)
+        metrics = _emulated(opts, loaded, es, plans, names, per_model)
         seconds["transformers"] = round(time.time() - t, 2)
         loaded = net = None  # the GPU memory goes to vLLM's engines
         release_gpu_cache()
@@ -170,7 +178,8 @@ def stage_eval(opts: RunOptions, n_eval: int = 64, engine: str = "auto") -> dict
            "rows": rows}
     write_json(opts.run / "eval.json", "eval", doc, version=VERSION)
     manifest.update(opts.run, stages={"eval": {"seconds": round(time.time() - t0, 2), "n_samples": len(es.samples),
-                                               "engine_seconds": seconds}})
+                                               "engine_seconds": seconds, "phases": phases.rounded(),
+                                               "models": {n: ph.rounded() for n, ph in per_model.items()}}})
     return doc
 
 
