@@ -29,7 +29,7 @@ once per chunk. A chunk holds at least one batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..data.samples import ChatSample, model_inputs
 from ..errors import FP8MixError
+from ..timing import Phases
 from .accuracy import accuracy_of, flips, greedy_replies
 
 # Config attributes naming the vision placeholder tokens (Qwen2-VL / Qwen2.5-VL naming); absent ones are skipped.
@@ -183,7 +184,8 @@ class Tally:
 
 def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch: Callable[[list[ChatSample]], dict],
              schemes: dict[str, Callable[[], AbstractContextManager]], reference_budget: int = REFERENCE_BUDGET,
-             progress: Callable[[Iterable, str], Iterable] = lambda items, _description: items) -> dict[str, dict]:
+             progress: Callable[[Iterable, str], Iterable] = lambda items, _description: items,
+             phases: dict[str, Phases] | None = None) -> dict[str, dict]:
     """Rows of metrics: the BF16 model (`model` as it is) under "bf16", and each scheme (`model` inside the
     context manager that `schemes[name]()` returns), on the batches `make_batch(batch_samples[i])`.
 
@@ -191,9 +193,14 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
     batches at a time: a chunk grows until the next batch's reference would take it past `reference_budget` bytes
     (a chunk holds at least one batch), then every scheme is swapped in once and compared on the chunk. So at most
     the budget (or one batch's reference, if larger) is held, however large the evaluation set.
-    `progress(items, description)` counts the steps (a batch through one model)."""
+    `progress(items, description)` counts the steps (a batch through one model). `phases`, when given, gets each
+    model's seconds by phase: apply (the scheme swapped in) and restore, forward (teacher-forced), compare (the
+    metrics against the reference), generate (greedy replies); the reference also encode (the batches made)."""
     placeholders = placeholder_ids(model.config)
     tallies = {name: Tally() for name in (REFERENCE, *schemes)}
+    phases = {} if phases is None else phases
+    for name in (REFERENCE, *schemes):
+        phases[name] = Phases()
     chunk: list[tuple[dict, list[ChatSample], Outputs]] = []
     # one step per batch and model, in whatever order the chunks take; next(steps) as each step starts
     steps = iter(progress(range(len(batch_samples) * (1 + len(schemes))),
@@ -201,25 +208,37 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
 
     def compare_chunk() -> None:
         for name, applied in schemes.items():
-            with applied():
+            ph = phases[name]
+            with ExitStack() as stack:
+                with ph("apply"):
+                    stack.enter_context(applied())
                 for batch, samples, ref in chunk:
                     next(steps)
-                    tallies[name].add(ref, outputs(model, batch, placeholders))
-                    tallies[name].replies += greedy_replies(model, processor, samples)
+                    with ph("forward"):
+                        got = outputs(model, batch, placeholders)
+                    with ph("compare"):
+                        tallies[name].add(ref, got)
+                    with ph("generate"):
+                        tallies[name].replies += greedy_replies(model, processor, samples)
+                with ph("restore"):
+                    stack.close()
         chunk.clear()
 
     head = model.get_output_embeddings().weight  # the logits' width and dtype
     held = 0
     for samples in batch_samples:
         next(steps)
-        batch = make_batch(samples)
+        with phases[REFERENCE]("encode"):
+            batch = make_batch(samples)
         size = int(counted_positions(batch, placeholders)[0].sum()) * head.shape[0] * head.element_size()
         if chunk and held + size > reference_budget:  # before this batch's reference exists
             compare_chunk()
             held = 0
-        ref = outputs(model, batch, placeholders, keep_on="cpu")
+        with phases[REFERENCE]("forward"):
+            ref = outputs(model, batch, placeholders, keep_on="cpu")
         tallies[REFERENCE].add_reference(ref)
-        tallies[REFERENCE].replies += greedy_replies(model, processor, samples)
+        with phases[REFERENCE]("generate"):
+            tallies[REFERENCE].replies += greedy_replies(model, processor, samples)
         chunk.append((batch, samples, ref))
         held += size
     if chunk:

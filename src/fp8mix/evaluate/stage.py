@@ -14,6 +14,7 @@ from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, progress, model_arg
 from ..rundir import read_json, write_json
 from ..score.batches import make_batches
+from ..timing import Phases
 from .checkpoint import checkpoint_bytes, scheme_applied
 from .heldout import eval_set
 from .metrics import REFERENCE, TOP_K, evaluate, placeholder_ids
@@ -45,8 +46,10 @@ POSITIONS = {
 }
 
 
-def _emulated(opts: RunOptions, loaded, es, plans: dict, names: list[str]) -> dict[str, dict]:
-    """Each model's metrics in transformers, the checkpoints' FP8 layers swapped into the BF16 model in turn."""
+def _emulated(opts: RunOptions, loaded, es, plans: dict, names: list[str], phases: dict[str, Phases]
+              ) -> dict[str, dict]:
+    """Each model's metrics in transformers, the checkpoints' FP8 layers swapped into the BF16 model in turn;
+    `phases` gets each model's seconds by phase."""
     model, proc, adapter = loaded.model, loaded.processor, loaded.adapter
 
     def applied(name: str):
@@ -62,7 +65,7 @@ def _emulated(opts: RunOptions, loaded, es, plans: dict, names: list[str]) -> di
     batch_samples = [es.samples[k:k + BATCH_SIZE] for k in range(0, len(es.samples), BATCH_SIZE)]
     return evaluate(model, proc, batch_samples,
                     lambda chunk: make_batches(proc, chunk, len(chunk), es.max_length, opts.device)[0],
-                    {name: applied(name) for name in names}, progress=progress)
+                    {name: applied(name) for name in names}, progress=progress, phases=phases)
 
 
 def _served(opts: RunOptions, source, es, processor, config, plans: dict, names: list[str]) -> dict[str, dict]:
@@ -115,6 +118,7 @@ def stage_eval(opts: RunOptions, n_eval: int = 64, engine: str = "auto") -> dict
     if engine not in ENGINES:
         raise FP8MixError(f"unknown --engine {engine!r}; engines: {', '.join(ENGINES)}")
     t0 = time.time()
+    phases, per_model = Phases(), {}
     catalog, _ = catalog_of(opts)
     names = list(catalog.schemes)
     plans = {}
@@ -131,27 +135,30 @@ def stage_eval(opts: RunOptions, n_eval: int = 64, engine: str = "auto") -> dict
                (engine == "auto" and has_vllm)}
 
     model_id, path = loading.resolve(model_arg(opts))
-    if engines["transformers"]:
-        loaded = loading.load(model_arg(opts), device=opts.device, device_map=opts.device_map)
-        net, proc, adapter, layout = loaded.model, loaded.processor, loaded.adapter, loaded.layout
-    else:
-        net, adapter = loading.build_empty(path)
-        proc, layout = load_processor(path), adapter.layout(net)
-    es = eval_set(opts, n_eval, proc)
+    with phases("load"):
+        if engines["transformers"]:
+            loaded = loading.load(model_arg(opts), device=opts.device, device_map=opts.device_map)
+            net, proc, adapter, layout = loaded.model, loaded.processor, loaded.adapter, loaded.layout
+        else:
+            net, adapter = loading.build_empty(path)
+            proc, layout = load_processor(path), adapter.layout(net)
+    with phases("eval_set"):
+        es = eval_set(opts, n_eval, proc)
     config = net.config
     lm_linears = set(adapter.all_lm_linears(net))
     sizes = {REFERENCE: {"lm_weight_bytes": 2 * layout.lm_linear_params,
                          "checkpoint_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
                          "effective_bits": 16.0}}
-    for name in names:
-        lm_bytes, total = checkpoint_bytes(opts.run / "checkpoints" / name, adapter, lm_linears)
-        sizes[name] = {"lm_weight_bytes": lm_bytes, "checkpoint_bytes": total,
-                       "effective_bits": plans[name]["effective_bits"]}
+    with phases("sizes"):
+        for name in names:
+            lm_bytes, total = checkpoint_bytes(opts.run / "checkpoints" / name, adapter, lm_linears)
+            sizes[name] = {"lm_weight_bytes": lm_bytes, "checkpoint_bytes": total,
+                           "effective_bits": plans[name]["effective_bits"]}
 
     rows, seconds = [], {}
     if engines["transformers"]:
         t = time.time()
-        metrics = _emulated(opts, loaded, es, plans, names)
+        metrics = _emulated(opts, loaded, es, plans, names, per_model)
         seconds["transformers"] = round(time.time() - t, 2)
         loaded = net = None  # the GPU memory goes to vLLM's engines
         release_gpu_cache()
@@ -171,7 +178,8 @@ def stage_eval(opts: RunOptions, n_eval: int = 64, engine: str = "auto") -> dict
            "rows": rows}
     write_json(opts.run / "eval.json", "eval", doc, version=VERSION)
     manifest.update(opts.run, stages={"eval": {"seconds": round(time.time() - t0, 2), "n_samples": len(es.samples),
-                                               "engine_seconds": seconds}})
+                                               "engine_seconds": seconds, "phases": phases.rounded(),
+                                               "models": {n: ph.rounded() for n, ph in per_model.items()}}})
     return doc
 
 
