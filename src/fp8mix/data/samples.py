@@ -149,14 +149,25 @@ def fit_samples(processor, samples: list[ChatSample], max_pixels: int | None = D
     """Samples made to fit: images scaled down to `max_pixels`, then any sample whose full conversation is still
     longer than `max_length` tokens dropped. Returns (kept samples, number dropped). The same fitted images go to
     every engine (transformers and vLLM) so both see the same pixels."""
-    kept, dropped = [], 0
+    kept, _, dropped = fit_and_measure(processor, samples, max_pixels, max_length)
+    return kept, dropped
+
+
+def fit_and_measure(processor, samples: list[ChatSample], max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    max_length: int | None = DEFAULT_MAX_LENGTH) -> tuple[list[ChatSample], list[int | None], int]:
+    """`fit_samples`, with each kept sample's token count (its full conversation as `encode` renders it; None
+    without `max_length`, when nothing is encoded). Returns (kept samples, their token counts, number dropped)."""
+    kept, lengths, dropped = [], [], 0
     for s in samples:
         if max_pixels is not None and s.images:
             s = ChatSample(s.messages, [fit_image(im, max_pixels) for im in s.images], s.answer, s.source)
+        n = None
         if max_length is not None:
             enc = processor(text=[_render(processor, s, False)], images=s.images or None, return_tensors="pt")
-            if enc["input_ids"].shape[1] > max_length:
+            n = int(enc["input_ids"].shape[1])
+            if n > max_length:
                 dropped += 1
                 continue
         kept.append(s)
-    return kept, dropped
+        lengths.append(n)
+    return kept, lengths, dropped

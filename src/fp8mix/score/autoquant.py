@@ -11,8 +11,9 @@ output of the layer as the checkpoint serves it (quant.weights.QuantizedWeights)
 weight and input scale of its fused group, so a member with a smaller range than its neighbours is scored with
 the coarser grid it gets in vLLM.
 
-KL method: for each group, one extra forward with only that group in FP8; score = Σ over the text positions of
-KL(p_BF16 ‖ p_group-FP8) of the next-token distribution. Text positions are the ones eval and the study's control
+KL method: for each group, the model with only that group in FP8; score = Σ over the text positions of
+KL(p_BF16 ‖ p_group-FP8) of the next-token distribution (the forwards are kl.py's: what cannot change replayed,
+a block's groups run stacked). Text positions are the ones eval and the study's control
 average over (evaluate.metrics.counted_positions): position t counts when token t+1 is a real token and not an
 image placeholder or vision marker. Positions that predict a placeholder say nothing about the text a served model
 writes, and with photos at realistic size they would be most of the sum.
@@ -20,21 +21,19 @@ writes, and with photos at realistic size they would be most of the sum.
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.samples import model_inputs
-from ..evaluate.metrics import counted_positions, placeholder_ids
+from ..evaluate.metrics import placeholder_ids
 from ..models import LinearGroup
 from ..progress import Progress, no_progress
 from ..quant.numerics import FP8Format
 from ..quant.weights import QuantizedWeights
 from .. import distributed
+from . import kl
 
 # fp8_static input scales are the max over every rank's calibration tokens
 _max_across_ranks = partial(distributed.all_reduce, op="max")
@@ -91,102 +90,35 @@ def gradient_scores(model: nn.Module, groups: list[LinearGroup], batches: list[d
     return {n: float(v) for n, v in zip(names, distributed.all_reduce([acc[n] for n in names]))}
 
 
-@contextmanager
-def _fp8_group(qw: QuantizedWeights, group: LinearGroup):
-    """Run the group's modules in FP8: their forward is swapped for the FP8 one (so the BF16 product is not
-    computed and thrown away)."""
-    mods = {n: qw.modules[n] for n in group.modules}
-    for n, mod in mods.items():
-        mod.forward = lambda x, n=n: qw.output(n, x)
-    try:
-        yield
-    finally:
-        for mod in mods.values():
-            del mod.forward  # back to the class's forward
-
-
-@contextmanager
-def _replayed(outputs: dict[nn.Module, object]):
-    """Modules whose forward returns the output recorded in the BF16 pass instead of computing it again. Any
-    forward already set on the instance (accelerate's device-map hook) is put back afterwards."""
-    saved = {mod: mod.__dict__.get("forward") for mod in outputs}
-    for mod, out in outputs.items():
-        # a shallow copy each call: callers may replace fields of a returned ModelOutput (Qwen2.5-VL splits the
-        # vision tower's pooler_output in place)
-        mod.forward = lambda *_a, _out=out, **_k: copy.copy(_out)
-    try:
-        yield
-    finally:
-        for mod, fwd in saved.items():
-            if fwd is None:
-                del mod.forward
-            else:
-                mod.forward = fwd
-
-
-# Positions whose logits exist at once in the KL pass: bounds its scratch memory to SLICE x vocab floats.
-SLICE = 1024
-
-
-def _text_hidden(model: nn.Module, inputs: dict, text: torch.Tensor) -> torch.Tensor:
-    """The final hidden states at the text positions ([n_text, hidden]): the model without its lm_head."""
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]
-    return hidden[text.to(hidden.device)]
-
-
-def _logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The logits of `hidden` ([n, hidden]), in the model's dtype, a slice of positions at a time."""
-    device = head.weight.device
-    return torch.cat([head(hidden[k:k + SLICE].to(device)) for k in range(0, max(len(hidden), 1), SLICE)])
-
-
-def _kl_sum(head: nn.Module, hidden: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Σ over positions of KL(p_ref ‖ p), p from `hidden` through `head`, a slice of positions at a time (float64,
-    on the head's device)."""
-    total = torch.zeros((), dtype=torch.float64, device=ref.device)
-    for k in range(0, hidden.shape[0], SLICE):
-        logq = F.log_softmax(_logits(head, hidden[k:k + SLICE]).float(), dim=-1)
-        logp = F.log_softmax(ref[k:k + SLICE].float(), dim=-1)
-        total += F.kl_div(logq, logp, reduction="sum", log_target=True).double()
-    return total
-
-
 @torch.no_grad()
 def kl_scores(model: nn.Module, groups: list[LinearGroup], batches: list[dict], fmt: FP8Format,
               progress: Progress = no_progress, cache_weights: bool = True, layers: nn.ModuleList | None = None,
               vision: nn.Module | None = None) -> dict[str, float]:
     """Per-group KL scores, reported on the group's first module (the group is the unit of the KL method).
 
-    Only the hidden states at the text positions go through the lm_head, a slice at a time; the BF16 reference
-    keeps those positions' logits in the model's dtype (its log-probabilities are recomputed from them exactly),
-    and the sums stay on the device until the end. With `layers` (the decoder blocks) and `vision` (the vision
-    tower) given, a group's forward does not recompute what FP8 in block k cannot change: the vision tower and
-    blocks 0..k-1 return their outputs recorded in the BF16 pass, so only blocks k.. and the head run again. The
-    result is the same as a full forward (tested)."""
+    Per batch: one BF16 forward (kl.Recorded), the reference's log-probabilities at the text positions taken once,
+    then one forward per block that runs the block's groups as variants stacked along the batch dimension (group
+    j in FP8 in slice j). With `layers` (the decoder blocks) and `vision` (the vision tower) given, a forward does
+    not recompute what FP8 in block k cannot change: the vision tower and blocks 0..k-1 return their outputs
+    recorded in the BF16 pass, so only blocks k.. and the head run again. The sum of a group does not depend on
+    how the samples are batched (each position's KL depends on its own sample only), so callers may batch by
+    length to cut padding. Equal to full forwards per group (tests/score/kl_reference.py, tested)."""
     qw = QuantizedWeights(model, [g.modules for g in groups], fmt, cache_weights)
     qw.calibrate(model, batches, progress, _max_across_ranks)
     head, placeholders = model.get_output_embeddings(), placeholder_ids(model.config)
     sums = torch.zeros(len(groups), dtype=torch.float64, device=head.weight.device)
-    recorded: dict[nn.Module, object] = {}
-    blocks, always = list(layers or []), [vision] if vision is not None else []
-    for batch in progress(batches, "scoring (KL, one forward per group)"):
-        inputs = model_inputs(batch)
-        text = counted_positions(batch, placeholders)[0]
-        handles = [m.register_forward_hook(lambda mod, _a, o: recorded.__setitem__(mod, copy.copy(o)))
-                   for m in blocks + always]
-        try:
-            hidden = _text_hidden(model, inputs, text)
-        finally:
-            for h in handles:
-                h.remove()
-        ref = _logits(head, hidden)
-        del hidden
-        for i, g in enumerate(groups):
-            # a module not called in the BF16 pass (the vision tower on a text-only batch) is not replayed
-            skip = {m: recorded[m] for m in blocks[:g.block] + always if m in recorded}
-            with _fp8_group(qw, g), _replayed(skip):
-                sums[i] += _kl_sum(head, _text_hidden(model, inputs, text), ref)
-        recorded.clear()
+    by_block: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_block.setdefault(g.block, []).append(i)
+    stacks = [idx[k:k + kl.STACK] for idx in by_block.values() for k in range(0, len(idx), kl.STACK)]
+    for batch in progress(batches, "scoring (KL, one forward per block)"):
+        bf16 = kl.Recorded(model, batch, placeholders, layers, vision)
+        ref = kl.log_probs(head, bf16.hidden)
+        for idx in stacks:
+            hidden = bf16.variants(qw, [groups[i].modules for i in idx], groups[idx[0]].block)
+            for i, h in zip(idx, hidden):
+                sums[i] += kl.kl_sum(head, h, ref)
+        del bf16, ref
     summed = distributed.all_reduce([s for s in sums.cpu()])
     return {m: (float(summed[i]) if m == g.modules[0] else 0.0) for i, g in enumerate(groups) for m in g.modules}
 

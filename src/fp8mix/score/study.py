@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import ExitStack
 
 import numpy as np
 import torch
 from scipy.stats import kendalltau, spearmanr
+from torch import nn
 
-from ..data.samples import model_inputs
 from ..errors import FP8MixError
 from ..evaluate.metrics import counted_positions, placeholder_ids
 from ..models import GROUP_KINDS, ModelLayout
+from ..progress import Progress, no_progress
 from ..quant.weights import QuantizedWeights
-from .autoquant import _fp8_group, _kl_sum, _logits, _text_hidden
+from . import kl
 from .settings import AutoQuantSettings
 
 N_RANDOM = 20
@@ -75,48 +75,56 @@ def kind_patterns(doc: dict, n_blocks: int) -> dict:
 
 
 @torch.no_grad()
-def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, seed: int = 0) -> dict:
+def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, seed: int = 0,
+            progress: Progress = no_progress, layers: nn.ModuleList | None = None,
+            vision: nn.Module | None = None) -> dict:
     """Held-out KL(BF16 ‖ FP8 choice) per text position (as eval counts them) of the AutoQuant block choice at each
-    control coverage, against N_RANDOM random choices of as many blocks, the first-K and the last-K blocks."""
+    control coverage, against N_RANDOM random choices of as many blocks, the first-K and the last-K blocks.
+
+    Computed as the KL score computes it (kl.py): per batch one recorded BF16 forward and the reference's
+    log-probabilities, then the distinct choices STACK at a time in one stacked forward each; with `layers` and
+    `vision` given, the vision tower and the blocks before a stack's first FP8 block are replayed. A choice drawn
+    twice (or equal to another choice) is computed once, so equal choices get equal figures."""
     from ..plan.planner import blocks_for_fraction
 
     qw = QuantizedWeights(model, [g.modules for g in layout.groups], fmt)
     qw.calibrate(model, batches)  # no reduce across ranks: the control runs in the main process alone
     placeholders = placeholder_ids(model.config)
     # KL over the positions that predict text, as eval counts them (not padding, not image placeholders)
-    masks = [counted_positions(b, placeholders)[0] for b in batches]
-    if not any(bool(m.any()) for m in masks):
+    if not any(bool(counted_positions(b, placeholders)[0].any()) for b in batches):
         raise FP8MixError("the control samples have no text position to measure KL on; check --data")
-
-    # as the KL score computes it: the lm_head only at the text positions, the references as logits in the
-    # model's dtype (not the whole set's float32 log-probabilities)
-    head = model.get_output_embeddings()
-    hidden = [_text_hidden(model, model_inputs(b), m) for b, m in zip(batches, masks)]
-    refs = [_logits(head, h) for h in hidden]
-    del hidden
-
-    def kl_of(blocks: set[int]) -> float:
-        tot, n = 0.0, 0
-        with ExitStack() as stack:
-            for g in layout.groups:
-                if g.block in blocks:
-                    stack.enter_context(_fp8_group(qw, g))
-            for b, m, ref in zip(batches, masks, refs):
-                tot += float(_kl_sum(head, _text_hidden(model, model_inputs(b), m), ref))
-                n += int(ref.shape[0])
-        return tot / n
 
     rng = random.Random(f"fp8mix-control:{seed}")
     n = layout.n_blocks
-    out = {}
+    choices = {}
     for frac in CONTROL_FRACTIONS:
         k = blocks_for_fraction(frac, n)
-        auto = {b["block"] for b in doc["blocks"] if b["rank"] < k}
-        rand = [kl_of(set(rng.sample(range(n), k))) for _ in range(N_RANDOM)]
-        a = kl_of(auto)
-        out[f"{frac:.2f}"] = {"blocks": k, "autoquant": a, "autoquant_blocks": sorted(auto),
+        choices[frac] = {"k": k, "auto": frozenset(b["block"] for b in doc["blocks"] if b["rank"] < k),
+                         "random": [frozenset(rng.sample(range(n), k)) for _ in range(N_RANDOM)],
+                         "first_k": frozenset(range(k)), "last_k": frozenset(range(n - k, n))}
+    distinct = sorted({c for ch in choices.values() for c in (ch["auto"], ch["first_k"], ch["last_k"], *ch["random"])},
+                      key=lambda c: (min(c, default=n), sorted(c)))
+    stacks = [distinct[i:i + kl.STACK] for i in range(0, len(distinct), kl.STACK)]
+    modules = {c: [m for g in layout.groups if g.block in c for m in g.modules] for c in distinct}
+    head = model.get_output_embeddings()
+    tot, count = dict.fromkeys(distinct, 0.0), 0
+    for b in progress(batches, f"control ({len(distinct)} block choices, {len(stacks)} forwards a batch)"):
+        bf16 = kl.Recorded(model, b, placeholders, layers, vision)
+        ref = kl.log_probs(head, bf16.hidden)
+        count += bf16.n_text
+        for stack in stacks:
+            first = min(min(c, default=n) for c in stack)
+            for c, h in zip(stack, bf16.variants(qw, [modules[c] for c in stack], first)):
+                tot[c] += float(kl.kl_sum(head, h, ref))
+        del bf16, ref
+    kl_of = {c: v / count for c, v in tot.items()}
+
+    out = {}
+    for frac, ch in choices.items():
+        rand = [kl_of[c] for c in ch["random"]]
+        a = kl_of[ch["auto"]]
+        out[f"{frac:.2f}"] = {"blocks": ch["k"], "autoquant": a, "autoquant_blocks": sorted(ch["auto"]),
                               "random": rand, "random_mean": float(np.mean(rand)),
                               "autoquant_beats_random": int(sum(a < r for r in rand)),
-                              "first_k": kl_of(set(range(k))), "last_k": kl_of(set(range(n - k, n)))}
+                              "first_k": kl_of[ch["first_k"]], "last_k": kl_of[ch["last_k"]]}
     return out
-
