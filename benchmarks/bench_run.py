@@ -195,14 +195,18 @@ class _nothing:
 
 
 def study_configs(run: Path) -> list[tuple[str, float | None]]:
-    """(config label, seconds of its scoring pass) for the study's configs, from sensitivity.json and run.json; the
-    base config's pass is the score stage's (None here)."""
+    """(config label, seconds of its scoring pass) for the study's configs, and ("control", seconds), from run.json
+    (its study stage's configs and control; runs of older fp8mix: the seconds per settings key, with the labels
+    from sensitivity.json); a config scored before (the base config: in the score stage) has None."""
     try:
         sens = json.loads((run / "sensitivity.json").read_text())
         stages = json.loads((run / "run.json").read_text())["stages"]
     except (OSError, ValueError, KeyError):
         return []
     timed = stages.get("study", {})
+    if "configs" in timed:
+        rows = [(label, c.get("seconds")) for label, c in timed["configs"].items()]
+        return rows + [("control", timed["control"]["seconds"])] if "control" in timed else rows
     return [(r["label"], timed.get(f"score_{r['settings_key']}_s")) for r in sens.get("runs", [])]
 
 
@@ -216,7 +220,8 @@ def table(name: str, res: dict, run: Path) -> str:
                 lines.append(f"  {label:26} {'(score stage)' if sec is None else f'{sec:9.2f}':>9}")
             if configs:
                 rest = res["stages"]["study"] - sum(sec or 0 for _, sec in configs)
-                lines.append(f"  {'control, loading':26} {rest:9.2f}")
+                label = "loading, the rest" if configs[-1][0] == "control" else "control, loading"
+                lines.append(f"  {label:26} {rest:9.2f}")
     lines.append(f"{'total':28} {res['seconds']:9.2f}")
     if res.get("error"):
         lines.append(f"error: {res['error']}")

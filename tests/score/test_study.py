@@ -31,3 +31,26 @@ def test_control_without_text_positions_is_an_error(embedded):
     batch = {**batch, "attention_mask": torch.zeros_like(batch["attention_mask"])}
     with pytest.raises(FP8MixError, match="no text position"):
         control(embedded.model, embedded.layout, _doc(embedded.layout.n_blocks), [batch], "fp8_dynamic")
+
+
+def test_study_records_seconds_per_config_and_control(tmp_path):
+    """run.json's study stage names each config's pass (batches and scoring apart; the base config, scored by the
+    score stage, as cached) and the control's seconds."""
+    from fp8mix import manifest
+    from fp8mix.context import RunOptions
+    from fp8mix.score.settings import AutoQuantSettings
+    from fp8mix.score.stage import stage_score, stage_study
+    from fp8mix.score.study import study_configs
+
+    opts = RunOptions(run=tmp_path / "run", score_overrides={"calib_samples": 2, "batch_size": 2})
+    stage_score(opts)
+    stage_study(opts, n_control=2)
+    rec = manifest.load(opts.run)["stages"]["study"]
+    labels = [label for label, _ in study_configs(AutoQuantSettings(calib_samples=2))]
+    assert set(rec["configs"]) == set(labels)
+    assert rec["configs"]["base"]["cached"] is True
+    for label in labels[1:]:
+        c = rec["configs"][label]
+        assert c["seconds"] >= c["batches_s"] + c["pass_s"] - 0.05 and c["pass_s"] > 0, (label, c)
+    assert rec["configs"]["kl_div"]["method"] == "kl_div"
+    assert rec["control"]["pass_s"] > 0 and rec["control"]["seconds"] <= rec["seconds"]

@@ -18,6 +18,7 @@ class ScoreCache:
         self.opts, self.model_id, self.path = opts, model_id, path
         self.loaded = None
         self.timings: dict = {}
+        self.passes: dict[str, dict] = {}  # settings key -> seconds of its scoring pass (missing: cached)
 
     def model(self):
         from ..models import loading
@@ -45,9 +46,11 @@ class ScoreCache:
             if distributed.is_main():
                 console.print(f"scores {key}: cached ({settings.method}, {settings.calib_samples} samples)")
             return out
-        t = time.time()
-        doc = score(self.model(), settings, progress, low_memory=self.opts.low_memory)
+        loaded = self.model()
+        t, parts = time.time(), {}
+        doc = score(loaded, settings, progress, low_memory=self.opts.low_memory, timings=parts)
         self.timings[f"score_{key}_s"] = round(time.time() - t, 2)
+        self.passes[key] = {"seconds": self.timings[f"score_{key}_s"], **parts}
         if distributed.is_main():
             write_json(out, "sensitivity", {**doc, "settings": settings.model_dump(mode="json")})
         distributed.barrier()
@@ -92,9 +95,12 @@ def stage_score(opts: RunOptions) -> dict[str, Path]:
 
 
 def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
-    """Score the default setting under the study's configs, compare them, and run the held-out control."""
+    """Score the default setting under the study's configs, compare them, and run the held-out control. run.json's
+    study stage gets the seconds of each config's pass (batches and scoring apart; a config scored before is
+    marked cached) and of the control."""
     from ..data.sources import held_out
     from ..models import loading
+    from ..quant.numerics import FP8Format
     from .batches import fitted, make_batches
     from .study import consistently_sensitive, control, kind_patterns, rank_stability, study_configs
 
@@ -104,29 +110,42 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
     fingerprint = loading.fingerprint(path)
     base = catalog.settings(next(iter(catalog.schemes)), **overrides(opts))
     cache = ScoreCache(opts, model_id, path)
-    docs, runs = {}, []
+    docs, runs, configs = {}, [], {}
     for label, settings in study_configs(base):
         key = settings.key(fingerprint)
         doc = read_json(cache.get(key, settings), "sensitivity")
         docs[label] = doc
         runs.append({"label": label, "settings_key": key, "settings": doc["settings"], "blocks": doc["blocks"],
                      "groups": {g["name"]: g["score"] for g in doc["groups"]}})
+        configs[label] = {"settings_key": key, "method": settings.method,
+                          **cache.passes.get(key, {"cached": True})}
     if not distributed.is_main():  # the study's scoring passes were shared; the control runs on one process
         return {}
     loaded = cache.model()
+    t = time.time()
+    # the control's KL does not depend on the batching (as the KL score's; fp8_static's scales, calibrated on
+    # these batches with their padding, do)
     samples, _ = fitted(loaded.processor, held_out(base.data, n_control), base.max_pixels, base.max_length,
-                        "control")
+                        "control", by_length=base.fp8_format is not FP8Format.fp8_static)
     batches = make_batches(loaded.processor, samples, 8, base.max_length, opts.device)
+    t_batches = time.time()
+    model, adapter = loaded.model, loaded.adapter
+    result = control(model, loaded.layout, docs["base"], batches, base.fp8_format, base.seed, progress,
+                     layers=model.get_submodule(adapter.blocks_path),
+                     vision=model.get_submodule(adapter.vision_path) if adapter.vision_path else None)
+    control_s = {"seconds": round(time.time() - t, 2), "batches_s": round(t_batches - t, 2),
+                 "pass_s": round(time.time() - t_batches, 2)}
     study = {
         "stability": rank_stability(docs),
         "consistently_sensitive_blocks": consistently_sensitive(docs),
         "patterns": kind_patterns(docs["base"], loaded.layout.n_blocks),
-        "control": control(loaded.model, loaded.layout, docs["base"], batches, base.fp8_format, base.seed),
+        "control": result,
         "control_samples": len(samples),
     }
     sens = read_json(opts.run / "sensitivity.json", "sensitivity", hint="run fp8mix score first")
     sens.pop("schema")
     sens.update(runs=runs, study=study)
     write_json(opts.run / "sensitivity.json", "sensitivity", sens)
-    manifest.update(opts.run, stages={"study": {"seconds": round(time.time() - t0, 2), **cache.timings}})
+    manifest.update(opts.run, stages={"study": {"seconds": round(time.time() - t0, 2), **cache.timings,
+                                                "configs": configs, "control": control_s}})
     return study
