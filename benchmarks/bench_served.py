@@ -19,8 +19,7 @@ order puts the goal schemes first (bf16, full, full_kv); ``--time-budget`` start
 
 Why small-batch decode gains little: ``--decode-sweep`` adds decode at 1, 64 and 256 requests (128 tokens in, 128
 out) to every model, so each scheme's time per decode step is seen from launch-bound to GEMM-bound in the same
-engine; ``--text-only`` serves the models with images off (``limit_mm_per_prompt`` 0: vLLM then runs the model as
-a text model) and only the text workloads, to see what the multimodal path costs a decode step.
+engine.
 """
 
 from __future__ import annotations
@@ -73,11 +72,10 @@ DECODE_SWEEP = {f"decode_b{n}": {"n": n, "in_tokens": 128, "max_tokens": 128, "i
                                  "metric": "output_tok_s"} for n in (1, 64, 256)}
 
 
-def workloads_of(decode_sweep: bool, text_only: bool) -> dict:
+def workloads_of(decode_sweep: bool) -> dict:
     from fp8mix.bench.stage import WORKLOADS
 
-    out = {**WORKLOADS, **(DECODE_SWEEP if decode_sweep else {})}
-    return {k: w for k, w in out.items() if not (text_only and w.get("images"))}
+    return {**WORKLOADS, **(DECODE_SWEEP if decode_sweep else {})}
 
 
 def step_table(doc: dict) -> str:
@@ -107,10 +105,9 @@ def main() -> int:
     ap.add_argument("--time-budget", type=float, default=None, help="start no engine after this many seconds")
     ap.add_argument("--timeout", type=int, default=420, help="seconds one engine may take, start included")
     ap.add_argument("--decode-sweep", action="store_true", help="also decode at 1, 64 and 256 requests")
-    ap.add_argument("--text-only", action="store_true", help="images off in vLLM; text workloads only")
     args = ap.parse_args()
 
-    from fp8mix.bench.stage import WARMUP, bench_models, device_facts, require_gpu_and_vllm
+    from fp8mix.bench.stage import bench_models, device_facts, require_gpu_and_vllm
     from fp8mix.errors import FP8MixError
 
     try:
@@ -122,11 +119,9 @@ def main() -> int:
     work = Path(args.work)
     models = model_folders(work, [s for s in args.schemes.split(",") if s])
     out = Path(args.out)
-    engine = {"limit_mm_per_prompt": {"image": 0, "video": 0}} if args.text_only else None
     doc = bench_models(models, out, py=sys.executable, repeats=args.repeats, time_budget=args.time_budget,
-                       timeout=args.timeout, engine=engine, workloads=workloads_of(args.decode_sweep, args.text_only),
-                       warmup={**WARMUP, "images": 0.0} if args.text_only else None,
-                       meta={"run": None, "device": device_facts(), "text_only": args.text_only,
+                       timeout=args.timeout, workloads=workloads_of(args.decode_sweep),
+                       meta={"run": None, "device": device_facts(),
                              "model": "Qwen2.5-VL-3B architecture, dummy weights"})
     for r in doc["rows"]:
         cells = ", ".join(f"{w} {s['median']:.0f} tok/s x{r['speedup_vs_bf16'].get(w, float('nan')):.2f} "

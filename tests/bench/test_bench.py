@@ -62,7 +62,9 @@ def test_runner_serves_an_fp8_kv_checkpoint_in_vllm(embedded, tmp_path, monkeypa
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     workloads = {"images": {"n": 2, "in_tokens": 16, "images": 1.0, "image_px": 56, "max_tokens": 1,
                             "metric": "prompt_tok_s"},
-                 "decode": {"n": 2, "in_tokens": 16, "images": 0.0, "max_tokens": 6, "metric": "output_tok_s"}}
+                 "decode": {"n": 2, "in_tokens": 16, "images": 0.0, "max_tokens": 6, "metric": "output_tok_s"},
+                 "long": {"n": 2, "in_tokens": 16, "images": 0.0, "max_tokens": 6, "decode_only": True,
+                          "metric": "output_tok_s"}}
     cpu = {"enforce_eager": True, "max_model_len": 512, "max_num_seqs": 4, "dtype": "bfloat16", "seed": 0,
            "limit_mm_per_prompt": {"image": 1, "video": 0}}
     out = tmp_path / "run" / "bench.json"
@@ -79,5 +81,6 @@ def test_runner_serves_an_fp8_kv_checkpoint_in_vllm(embedded, tmp_path, monkeypa
     dec, img = row["workloads"]["decode"], row["workloads"]["images"]
     assert len(dec["values"]) == 3 and dec["output_tokens"] == 2 * 6   # ignore_eos: every token generated
     assert dec["prompt_tokens"] == 2 * 16
+    assert row["workloads"]["long"]["output_tokens"] == 2 * 5   # decode timed apart: the first token is the prefill's
     assert img["prompt_tokens"] > 2 * 16            # the image tokens count as prompt tokens
     assert read_json(out, "bench")["rows"][0]["workloads"]["decode"]["median"] == dec["median"]

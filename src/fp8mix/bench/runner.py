@@ -5,18 +5,24 @@ interpreter where vLLM is importable (fp8mix's bench stage starts it once per mo
     python runner.py SPEC.json
 
 SPEC.json: {"label", "model" (folder), "out" (result JSON path), "engine" (LLM keyword arguments), "workloads"
-({name: {"n", "in_tokens", "max_tokens", "images" (share of requests with one image), "image_px"}}),
+({name: {"n", "in_tokens", "max_tokens", "images" (share of requests with one image), "image_px", "decode_only"}}),
 "repeats", "warmup" (a workload spec), "seed"}.
 
 Prompts are Qwen-VL chat prompts (``<|vision_start|><|image_pad|><|vision_end|>`` for an image) around random
 ordinary tokens of the model's tokenizer, fixed by the seed, the same for every model; images are random-noise
-RGB squares. Greedy, ``ignore_eos`` (every request produces exactly max_tokens), no detokenization. Each workload is
-one ``LLM.generate`` call of all its requests, timed by wall clock; the first call after the engine start is a
-warm-up and not counted. The engine start (``LLM(...)``) and the vLLM import are timed apart.
+RGB squares. Every repeat gets requests of its own (same sizes, new tokens and images): vLLM keeps processed images
+in a cache keyed by their content, so repeating the same images would time cache hits, not the image path a server
+runs for new images. Greedy, ``ignore_eos`` (every request produces exactly max_tokens), no detokenization. Each
+workload is one ``LLM.generate`` call of all its requests, timed by wall clock; the first call after the engine
+start is a warm-up and not counted. A ``decode_only`` workload times the decode apart from the prefill: the same
+requests are served once with one output token (the prefill, prefix caching off) and once in full, and the
+difference is its time for the remaining output tokens. The engine start (``LLM(...)``) and the vLLM import are
+timed apart.
 
 Writes {"label", "ok", "error", "vllm_version", "torch_version", "import_s", "engine_start_s", "kv_cache_dtype"
 (what the attention layers run with), 
-"workloads": {name: [{"seconds", "requests", "prompt_tokens", "output_tokens"}, ...one per repeat]}}.
+"workloads": {name: [{"seconds", "requests", "prompt_tokens", "output_tokens"(, "prefill_seconds")}, ...one per
+repeat]}} (decode_only: seconds and output_tokens of the decode alone).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import sys
 import time
 import traceback
+import zlib
 from pathlib import Path
 
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
@@ -74,6 +81,16 @@ def timed(llm, requests: list[dict], max_tokens: int) -> dict:
             "output_tokens": sum(len(c.token_ids) for o in outs for c in o.outputs)}
 
 
+def timed_decode(llm, requests: list[dict], max_tokens: int) -> dict:
+    """The decode of `requests` apart from their prefill: the prefill alone (one output token) subtracted from the
+    whole (prefix caching is off, so the second call prefills again)."""
+    pre = timed(llm, requests, 1)
+    full = timed(llm, requests, max_tokens)
+    return {"seconds": full["seconds"] - pre["seconds"], "prefill_seconds": pre["seconds"],
+            "requests": full["requests"], "prompt_tokens": full["prompt_tokens"],
+            "output_tokens": full["output_tokens"] - full["requests"]}
+
+
 # where a Qwen-VL model keeps its first LM attention layer in vLLM (an attrgetter pickles by value into the worker)
 FIRST_ATTENTION = "language_model.model.layers.0.self_attn.attn.kv_cache_dtype"
 
@@ -118,8 +135,12 @@ def run(spec: dict) -> dict:
         warm = spec["warmup"]
         timed(llm, make_requests(tok, warm, rng, ids), warm["max_tokens"])
         for name, w in spec["workloads"].items():
-            requests = make_requests(tok, w, np.random.default_rng([int(spec.get("seed", 0)), len(name)]), ids)
-            res["workloads"][name] = [timed(llm, requests, w["max_tokens"]) for _ in range(int(spec["repeats"]))]
+            runs = []
+            for rep in range(int(spec["repeats"])):
+                rng = np.random.default_rng([int(spec.get("seed", 0)), zlib.crc32(name.encode()), rep])
+                requests = make_requests(tok, w, rng, ids)
+                runs.append((timed_decode if w.get("decode_only") else timed)(llm, requests, w["max_tokens"]))
+            res["workloads"][name] = runs
         res["ok"] = True
     except Exception as exc:  # the stage records the failure of one model and goes on with the next
         res["error"] = f"{type(exc).__name__}: {exc}"[:2000]

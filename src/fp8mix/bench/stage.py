@@ -2,9 +2,10 @@
 
 Each model is served by its own engine (``runner.py`` under vLLM's interpreter, a clean GPU each) with CUDA graphs
 and torch.compile on (vLLM's defaults; the capture sizes bounded by ``ENGINE``) and the same workloads: prefill
-with images, small-batch decode, mixed. Every workload runs ``repeats`` times after a warm-up; bench.json keeps
-every repeat, the median, min, max and relative spread, and each scheme's median over BF16's. The engine start is
-timed apart and never counted in a workload.
+with images, small-batch decode, mixed, long-context decode (its prefill timed apart). Every workload runs
+``repeats`` times after a warm-up, each repeat with requests of its own; bench.json keeps every repeat, the median,
+min, max and relative spread, and each scheme's median over BF16's. The engine start is timed apart and never
+counted in a workload.
 
 bench.json (``fp8mix/bench/v1``, written atomically)::
 
@@ -44,6 +45,10 @@ WORKLOADS = {
     "decode": {"n": 8, "in_tokens": 128, "max_tokens": 256, "images": 0.0, "metric": "output_tok_s"},
     "mixed": {"n": 128, "in_tokens": 1024, "max_tokens": 256, "images": 0.25, "image_px": 448,
               "metric": "total_tok_s"},
+    # many long sequences decoding together: each step reads every sequence's keys and values (128 x ~2.3 k tokens,
+    # ~11 GB in BF16 at 3B) besides the weights, so this is where an FP8 KV cache shows; the prefill is timed apart
+    "long_decode": {"n": 128, "in_tokens": 2048, "max_tokens": 512, "images": 0.0, "decode_only": True,
+                    "metric": "output_tok_s"},
 }
 WARMUP = {"n": 16, "in_tokens": 256, "max_tokens": 16, "images": 0.25, "image_px": 448}
 KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")

@@ -4,7 +4,8 @@ workload beside BF16's, next to its quality."""
 from __future__ import annotations
 
 WORKLOAD_TITLES = {"prefill_images": "prefill with images (prompt tok/s)",
-                   "decode": "small-batch decode (output tok/s)", "mixed": "mixed (total tok/s)"}
+                   "decode": "small-batch decode (output tok/s)", "mixed": "mixed (total tok/s)",
+                   "long_decode": "long-context decode (decode tok/s)"}
 
 
 def _f(x, spec) -> str:
