@@ -172,9 +172,12 @@ class Runner:
 
         Returns the runner's result (see vllm_live.py) with "ran"; on a crash or a timeout, "ok" False and one line
         in "errors"."""
-        if not self.start():
-            return {"ran": False, "ok": None, "errors": [],
-                    "reason": "vLLM is not importable here and .venv-vllm is missing (make vllm-env builds it)"}
+        try:
+            if not self.start():
+                return {"ran": False, "ok": None, "errors": [],
+                        "reason": "vLLM is not importable here and .venv-vllm is missing (make vllm-env builds it)"}
+        except OSError as e:
+            return {"ran": True, "ok": False, "errors": [f"vLLM's interpreter could not be started: {e}"]}
         timeout = timeout or self.timeout
         engine = engine or engine_settings(1024)
         self._jobs += 1
@@ -184,7 +187,6 @@ class Runner:
                "expect_bf16": list(expect_bf16), **engine}
         if requests is not None and requests.requests:
             job["requests"] = str(requests.write(job_dir / "requests"))
-        log_from = self._log.stat().st_size
         try:
             reply = self._send(job, time.monotonic() + timeout)
         except TimeoutError:
@@ -195,9 +197,7 @@ class Runner:
         if reply is None or reply.get("leftover"):  # the process ended or is ending: the next model gets a new one
             rc = self._end(kill=False)
             if not out.is_file():
-                with open(self._log, "rb") as f:
-                    f.seek(log_from)
-                    tail = f.read().decode(errors="replace").strip().splitlines()[-3:]
+                tail = self._log.read_text(errors="replace").strip().splitlines()[-3:]
                 return {"ran": True, "ok": False, "errors": [f"vLLM exited {rc}: {' | '.join(tail)}"]}
         result = json.loads(out.read_text())
         shutil.rmtree(job_dir, ignore_errors=True)
@@ -229,24 +229,28 @@ class Runner:
         return json.loads(line)
 
     def _end(self, kill: bool) -> int | None:
-        """End the process (its whole process group when `kill`); its exit status."""
+        """End the process: it exits at the end of its input, once the model in progress is served (killed with its
+        whole process group at once when `kill`, or after a minute). Returns its exit status."""
         proc, self._proc = self._proc, None
         if proc is None:
             return None
-        if not kill:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                return proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            proc.stdin.close()
+        except OSError:
             pass
-        return proc.wait()
+        try:
+            if not kill:
+                try:
+                    return proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return proc.wait()
+        finally:
+            proc.stdout.close()
 
     def close(self, kill: bool = False) -> None:
         """End the process (it has shut each engine down already) and remove the request files."""

@@ -77,12 +77,18 @@ class Engine:
             return
         self.llm = None
         gc.unfreeze()
-        gc.collect()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Two passes at most: the first runs finalizers that still hold memory (vLLM 0.26's engine keeps its model
+        # in one), the second frees what they held.
+        left = 0
+        for _ in range(2):
+            gc.collect()
+            if _cuda_allocated() is None:
+                break
             torch.cuda.empty_cache()
+            left = _cuda_allocated() - self._before
+            if left <= LEFTOVER_LIMIT:
+                break
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.leftover = "the distributed environment is still initialized after the engine shut down"
-            return
-        left = (_cuda_allocated() or 0) - self._before
-        if left > LEFTOVER_LIMIT:
+        elif left > LEFTOVER_LIMIT:
             self.leftover = f"{left / 2**30:.2f} GiB of CUDA memory still allocated after the engine shut down"
