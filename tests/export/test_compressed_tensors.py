@@ -180,7 +180,9 @@ def test_failure_leaves_nothing(embedded, top50_plan, tmp_path, monkeypatch):
     assert not dest.exists() and list(tmp_path.iterdir()) == []
 
     # a previous checkpoint survives a failed re-export untouched
-    monkeypatch.setattr(ct, "write_tensors", boom)
+    from fp8mix.export import jobs
+
+    monkeypatch.setattr(jobs, "write_tensors", boom)
     dest.mkdir()
     (dest / "config.json").write_text("{}")
     with pytest.raises(RuntimeError):

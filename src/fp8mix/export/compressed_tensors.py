@@ -3,7 +3,8 @@ ignored layers BF16) and transformers reloads.
 
 The pieces are shared with the ModelOpt writer: ``source`` reads the source's safetensors files, ``prepare`` checks
 the plan and fixes fp8_static's shared scales, ``tensors`` streams the shards, ``folder`` writes config.json and
-the side files into a folder swapped in atomically, ``marker`` records what was written. What is this format's own:
+the side files into a folder swapped in atomically, ``jobs`` writes several checkpoints from one pass over the
+source, ``marker`` records what was written. What is this format's own:
 
 * the scales, all float32, in compressed-tensors' own shapes (its ``weight_scale_shape()``): fp8_dynamic
   ``weight_scale`` [out, 1]; fp8_block ``weight_scale`` [ceil(out/128), ceil(in/128)]; fp8_static
@@ -26,13 +27,15 @@ import torch
 from ..errors import FP8MixError
 from ..quant.kv_cache import KVScales, attention_modules, calibrate_kv_scales
 from ..quant.numerics import FP8Format, kv_cache_args, scheme_for
-from .folder import check_ignore, staged_dir, write_config, write_side_files
+from ..timing import Phases
+from .folder import check_ignore, write_config, write_side_files
+from .jobs import Job, write_checkpoints
 from .marker import write_marker
 from .prepare import plan_format, plan_kv_cache, quantize_plan
 from .source import Source, load_for_calibration, source_of
-from .tensors import write_tensors
+from .tensors import Output
 
-__all__ = ["FORMAT", "export_checkpoint", "kv_scale_tensors", "quantization_config"]
+__all__ = ["FORMAT", "export_checkpoint", "kv_scale_tensors", "prepare_checkpoint", "quantization_config"]
 
 FORMAT = "compressed-tensors"
 
@@ -75,6 +78,37 @@ def kv_scale_tensors(src: Source, kv_scales: KVScales) -> dict[str, torch.Tensor
     return out
 
 
+def prepare_checkpoint(loaded_or_model_path, plan: dict, out_dir: Path, calib_batches: list[dict] | None = None,
+                       *, input_scales: dict[str, torch.Tensor] | None = None, calibration: dict | None = None,
+                       kv_scales: KVScales | None = None, progress=None) -> Job:
+    """``plan`` checked and made ready to write as a compressed-tensors checkpoint at ``out_dir``
+    (``jobs.write_checkpoints``); arguments as ``export_checkpoint``. The job's phases start with "prepare"."""
+    src = source_of(loaded_or_model_path)
+    fmt = plan_format(plan)
+    phases = Phases()
+    with phases("prepare"):
+        quant = quantize_plan(src, plan, calib_batches, progress, input_scales)
+        extra = {}
+        if plan_kv_cache(plan) == "fp8":
+            if kv_scales is None:
+                if not calib_batches:
+                    raise FP8MixError(f"plan {plan['scheme']!r} has an FP8 KV cache: its k/v scales need "
+                                      "calibration batches")
+                if src.model is None:
+                    load_for_calibration(src)
+                kv_scales = calibrate_kv_scales(src.model, attention_modules(src.layout), calib_batches)
+            extra = kv_scale_tensors(src, kv_scales)
+    calibrated = fmt is FP8Format.fp8_static or bool(extra)
+
+    def finish(tmp: Path, summary: dict) -> None:
+        write_config(src, tmp, quantization_config(plan))
+        check_ignore(tmp, plan["ignore"])
+        write_side_files(src, tmp)
+        write_marker(tmp, src, plan, FORMAT, calibration if calibrated else None, summary)
+
+    return Job(Path(out_dir), Output(Path(out_dir), quant, fmt, _ct_scales, extra, phases), finish)
+
+
 def export_checkpoint(loaded_or_model_path, plan: dict, out_dir: Path, calib_batches: list[dict] | None = None,
                       *, input_scales: dict[str, torch.Tensor] | None = None, calibration: dict | None = None,
                       kv_scales: KVScales | None = None, progress=None) -> Path:
@@ -87,25 +121,7 @@ def export_checkpoint(loaded_or_model_path, plan: dict, out_dir: Path, calib_bat
     ``kv_cache: fp8`` takes ``kv_scales`` (quant.kv_cache.calibrate_kv_scales) or calibrates them on
     ``calib_batches``.
     """
-    src = source_of(loaded_or_model_path)
-    fmt = plan_format(plan)
-    quant = quantize_plan(src, plan, calib_batches, progress, input_scales)
-    extra = None
-    if plan_kv_cache(plan) == "fp8":
-        if kv_scales is None:
-            if not calib_batches:
-                raise FP8MixError(f"plan {plan['scheme']!r} has an FP8 KV cache: its k/v scales need calibration "
-                                  "batches")
-            if src.model is None:
-                load_for_calibration(src)
-            kv_scales = calibrate_kv_scales(src.model, attention_modules(src.layout), calib_batches)
-        extra = kv_scale_tensors(src, kv_scales)
-    calibrated = fmt is FP8Format.fp8_static or extra is not None
-    out_dir = Path(out_dir)
-    with staged_dir(out_dir) as tmp:
-        summary = write_tensors(src, quant, fmt, tmp, _ct_scales, extra)
-        write_config(src, tmp, quantization_config(plan))
-        check_ignore(tmp, plan["ignore"])
-        write_side_files(src, tmp)
-        write_marker(tmp, src, plan, FORMAT, calibration if calibrated else None, summary)
-    return out_dir
+    job = prepare_checkpoint(loaded_or_model_path, plan, out_dir, calib_batches, input_scales=input_scales,
+                             calibration=calibration, kv_scales=kv_scales, progress=progress)
+    write_checkpoints(source_of(loaded_or_model_path), [job])
+    return job.out_dir

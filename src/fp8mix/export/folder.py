@@ -59,7 +59,9 @@ def write_side_files(src: Source, out_dir: Path) -> list[str]:
             if f.is_file():
                 shutil.copyfile(f, out_dir / f.name)
                 copied.append(f.name)
-    processor = src.processor if src.processor is not None else load_processor(src.path)
+    if src.processor is None:  # loaded once for all the checkpoints written from this source
+        src.processor = load_processor(src.path)
+    processor = src.processor
     save_processor(processor, out_dir)
     if not (out_dir / "generation_config.json").is_file():
         from transformers import GenerationConfig

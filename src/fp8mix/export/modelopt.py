@@ -36,13 +36,15 @@ import torch
 from .. import __version__
 from ..errors import FP8MixError
 from ..quant.numerics import FP8Format
-from .folder import check_ignore, staged_dir, write_config, write_side_files
+from ..timing import Phases
+from .folder import check_ignore, write_config, write_side_files
+from .jobs import Job, write_checkpoints
 from .marker import write_marker
 from .prepare import plan_format, plan_kv_cache, quantize_plan
 from .source import Source, source_of
-from .tensors import write_tensors
+from .tensors import Output
 
-__all__ = ["FORMAT", "QUANT_ALGOS", "exclude_modules", "export_modelopt", "modelopt_configs"]
+__all__ = ["FORMAT", "QUANT_ALGOS", "exclude_modules", "export_modelopt", "modelopt_configs", "prepare_modelopt"]
 
 FORMAT = "modelopt"
 QUANT_ALGOS = {FP8Format.fp8_dynamic: "FP8_PER_CHANNEL_PER_TOKEN", FP8Format.fp8_static: "FP8"}
@@ -98,22 +100,35 @@ def _modelopt_scales(w_scale: torch.Tensor, x_scale: torch.Tensor | None, fmt: F
     return w_scale.reshape(()), x_scale.reshape(())  # 0-d scalars
 
 
-def export_modelopt(loaded_or_model_path, plan: dict, out_dir: Path, calib_batches: list[dict] | None = None,
-                    *, input_scales: dict[str, torch.Tensor] | None = None, calibration: dict | None = None,
-                    progress=None) -> Path:
-    """Write ``plan`` as a ModelOpt FP8 checkpoint at ``out_dir`` (replaced atomically). Arguments as
-    export_checkpoint."""
+def prepare_modelopt(loaded_or_model_path, plan: dict, out_dir: Path, calib_batches: list[dict] | None = None,
+                     *, input_scales: dict[str, torch.Tensor] | None = None, calibration: dict | None = None,
+                     progress=None) -> Job:
+    """``plan`` checked and made ready to write as a ModelOpt FP8 checkpoint at ``out_dir``
+    (``jobs.write_checkpoints``); arguments as export_checkpoint."""
     quant_algo(plan)  # refuse fp8_block before any work
     src = source_of(loaded_or_model_path)
     fmt = plan_format(plan)
-    qcfg, hf_quant = modelopt_configs(plan, src)
-    quant = quantize_plan(src, plan, calib_batches, progress, input_scales)
-    out_dir = Path(out_dir)
-    with staged_dir(out_dir) as tmp:
-        summary = write_tensors(src, quant, fmt, tmp, _modelopt_scales)
+    phases = Phases()
+    with phases("prepare"):
+        qcfg, hf_quant = modelopt_configs(plan, src)
+        quant = quantize_plan(src, plan, calib_batches, progress, input_scales)
+
+    def finish(tmp: Path, summary: dict) -> None:
         write_config(src, tmp, qcfg)
         check_ignore(tmp, hf_quant["quantization"]["exclude_modules"])
         (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4) + "\n")
         write_side_files(src, tmp)
         write_marker(tmp, src, plan, FORMAT, calibration if fmt is FP8Format.fp8_static else None, summary)
-    return out_dir
+
+    return Job(Path(out_dir), Output(Path(out_dir), quant, fmt, _modelopt_scales, phases=phases), finish)
+
+
+def export_modelopt(loaded_or_model_path, plan: dict, out_dir: Path, calib_batches: list[dict] | None = None,
+                    *, input_scales: dict[str, torch.Tensor] | None = None, calibration: dict | None = None,
+                    progress=None) -> Path:
+    """Write ``plan`` as a ModelOpt FP8 checkpoint at ``out_dir`` (replaced atomically). Arguments as
+    export_checkpoint."""
+    job = prepare_modelopt(loaded_or_model_path, plan, out_dir, calib_batches, input_scales=input_scales,
+                           calibration=calibration, progress=progress)
+    write_checkpoints(source_of(loaded_or_model_path), [job])
+    return job.out_dir

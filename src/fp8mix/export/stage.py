@@ -1,7 +1,8 @@
 """The export stage: every plan of a run (or one scheme) as a checkpoint under ``checkpoints/``.
 
 ``checkpoints/<scheme>/`` (compressed-tensors) or ``checkpoints/<scheme>-modelopt/``. The weights stream from the
-source's safetensors files; the model is loaded (once, in BF16) only to calibrate fp8_static input scales. A
+source's safetensors files, read once for all the checkpoints to write (as many as the free disk space holds at
+once); the model is loaded (once, in BF16) only to calibrate fp8_static input scales and KV-cache scales. A
 checkpoint whose ``fp8mix_plan.json`` records the same export key (plan sha256, writer, model fingerprint, fp8_static
 calibration settings) is kept unless ``--force``.
 """
@@ -20,13 +21,15 @@ from ..rundir import read_json
 from ..quant.numerics import FP8Format
 from ..quant.kv_cache import attention_modules, calibrate_kv_scales
 from ..quant.scales import calibrate_input_scales
-from .compressed_tensors import export_checkpoint
+from ..timing import Phases
+from .compressed_tensors import prepare_checkpoint
+from .jobs import groups, write_checkpoints
 from .marker import EXPORT_VERSION, export_key, read_marker
-from .modelopt import export_modelopt, quant_algo
+from .modelopt import prepare_modelopt, quant_algo
 from .prepare import plan_format, plan_kv_cache
 from .source import source_of
 
-FORMATS = {"compressed-tensors": ("", export_checkpoint), "modelopt": ("-modelopt", export_modelopt)}
+FORMATS = {"compressed-tensors": ("", prepare_checkpoint), "modelopt": ("-modelopt", prepare_modelopt)}
 
 
 def checkpoint_dir(run: Path, scheme: str, fmt: str = "compressed-tensors") -> Path:
@@ -60,6 +63,7 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
     from ..models import loading
     from ..score.batches import calibration_batches
 
+    t0 = time.time()
     if fmt not in FORMATS:
         raise FP8MixError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     require_run(opts.run)
@@ -104,12 +108,11 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
         src = source_of(source_arg)
         src.model_id = model_id
         loaded = None
-        writer = FORMATS[fmt][1]
+        prepare = FORMATS[fmt][1]
         scales_cache: dict[str, dict] = {}   # calibration key -> input scales of every LM linear
         kv_cache: dict[str, dict] = {}       # calibration key -> KV-cache scales of every attention layer
-        for name in progress(list(todo), f"exporting {len(todo)} checkpoint(s) ({fmt})"):
-            plan, dest, calib = todo[name]
-            t = time.time()
+        jobs = {}
+        for name, (plan, dest, calib) in todo.items():
             scales = kv_scales = None
             if calib is not None:
                 if loaded is None:
@@ -135,10 +138,19 @@ def stage_export(opts: RunOptions, scheme: str | None = None, fmt: str = "compre
                 scales = scales_cache.get(k) if static else None
                 kv_scales = kv_cache.get(k) if kv else None
             kw = {"kv_scales": kv_scales} if kv_scales is not None else {}
-            writer(loaded if calib is not None else src, plan, dest, input_scales=scales, calibration=calib, **kw)
-            seconds = round(time.time() - t, 2)
-            record[name] = {"path": str(dest), "seconds": seconds, "skipped": False}
-            console.print(f"export {name}: wrote {dest} in {seconds:.1f} s")
+            jobs[name] = prepare(loaded if calib is not None else src, plan, dest, input_scales=scales,
+                                 calibration=calib, **kw)
+        # one pass over the source per group of checkpoints (a group fits the free disk space)
+        phases = Phases()
+        for group in groups(src, list(jobs.values())):
+            write_checkpoints(src, group, progress, phases)
+        timings.update(phases.rounded())
+        for name, job in jobs.items():
+            seconds = round(sum(job.output.phases.seconds.values()), 2)
+            record[name] = {"path": str(job.out_dir), "seconds": seconds, "skipped": False,
+                            **job.output.phases.rounded()}
+            console.print(f"export {name}: wrote {job.out_dir}")
+        timings["seconds"] = round(time.time() - t0, 2)
 
     previous = manifest.load(opts.run).get("stages", {}).get("export", {})
     checkpoints = dict(previous.get("checkpoints", {}))
