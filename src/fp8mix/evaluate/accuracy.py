@@ -16,6 +16,9 @@ import torch
 from ..data.samples import ChatSample, encode
 
 REPLY_TOKENS = 32  # greedy tokens generated per reply
+# Prompts the eval generates at once. A generate call costs REPLY_TOKENS decode steps whatever its batch (at these
+# sizes a step's time is that of reading the weights and launching the kernels): the default 64 samples take one.
+GENERATE_BATCH = 64
 # A sentence ends at . ! or ? followed by whitespace, or at a line break ("3.5 cm" does not end one).
 SENTENCE_END = re.compile(r"(?<=[.!?])\s|\n")
 
@@ -35,17 +38,27 @@ def normalise(text: str) -> str:
     return " ".join(spaced.split())
 
 
+def prompt_batches(processor, samples: list[ChatSample], device, batch_size: int = GENERATE_BATCH) -> list[dict]:
+    """The samples' prompts (ending with the assistant header), left-padded, in batches of `batch_size`, on
+    `device`: encoded once, so that every model generates from the same tensors."""
+    return [{n: t.to(device) for n, t in encode(processor, samples[k:k + batch_size], for_generation=True).items()}
+            for k in range(0, len(samples), batch_size)]
+
+
 @torch.no_grad()
-def greedy_replies(model, processor, samples: list[ChatSample], max_new_tokens: int = REPLY_TOKENS,
-                   batch_size: int = 16) -> list[str]:
-    device = next(model.parameters()).device
+def generate(model, processor, batches: list[dict], max_new_tokens: int = REPLY_TOKENS) -> list[str]:
+    """`model`'s greedy replies to the prompt batches (`prompt_batches`), stripped, in order."""
     out_texts = []
-    for k in range(0, len(samples), batch_size):
-        chunk = samples[k:k + batch_size]
-        enc = {n: t.to(device) for n, t in encode(processor, chunk, for_generation=True).items()}
+    for enc in batches:
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         out_texts += processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return [t.strip() for t in out_texts]
+
+
+def greedy_replies(model, processor, samples: list[ChatSample], max_new_tokens: int = REPLY_TOKENS,
+                   batch_size: int = 16) -> list[str]:
+    device = next(model.parameters()).device
+    return generate(model, processor, prompt_batches(processor, samples, device, batch_size), max_new_tokens)
 
 
 def accuracy_of(replies: list[str], samples: list[ChatSample]) -> dict:

@@ -34,13 +34,15 @@ def fp8_format_of(weight_scale: torch.Tensor, weight: torch.Tensor, has_input_sc
 
 
 @contextmanager
-def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter) -> Iterator[list[str]]:
+def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter, changed: list[str] | None = None
+                   ) -> Iterator[list[str]]:
     """Inside the block, `model` runs the checkpoint: each of its FP8 layers replaces the model's Linear (as an
     FP8Linear holding the checkpoint's FP8 weight and scales, on that Linear's device), and any other tensor that
     differs from the model's is copied in. On exit the model is the BF16 one again. Yields the FP8 module names.
 
     The checkpoint is read one tensor at a time and the model is not copied, so a model spread over several GPUs
-    (device map) is evaluated in place, with at most one scheme's FP8 weights beside it."""
+    (device map) is evaluated in place, with at most one scheme's FP8 weights beside it. `changed`, when given,
+    gets the names of the modules swapped and of the parameters overwritten."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FP8MixError(f"{folder} has no *.safetensors: export the scheme first (fp8mix export)")
@@ -87,6 +89,8 @@ def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter) -> It
                 elif not name.endswith("_zero_point"):
                     raise FP8MixError(f"{folder}: tensor {disk} matches no parameter of the model")
         # an FP8 layer's bias is checked above against the BF16 Linear's, which the FP8Linear shares
+        if changed is not None:
+            changed += [*swapped, *overwritten]
         with ExitStack() as stack:
             scales = _kv_scales(folder, kv)
             if scales:

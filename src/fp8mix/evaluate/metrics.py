@@ -22,8 +22,9 @@ computed the same way from their full distributions), so emulated and served fig
 
 Memory: the BF16 reference is needed position by position beside each scheme's output. It is never held for the
 whole evaluation set: the batches are taken in chunks whose reference logits (kept in the model's dtype, from
-which the log-probabilities are recomputed exactly) fit `reference_budget` bytes, and every scheme is swapped in
-once per chunk. A chunk holds at least one batch.
+which the log-probabilities are recomputed exactly; on the GPU while half of its free memory holds them, else on
+the CPU) fit `reference_budget` bytes, and every scheme is swapped in once per chunk. A chunk holds at least one
+batch.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from ..data.samples import ChatSample, model_inputs
 from ..errors import FP8MixError
 from ..timing import Phases
-from .accuracy import accuracy_of, flips, greedy_replies
+from .accuracy import accuracy_of, flips, generate, prompt_batches
 
 # Config attributes naming the vision placeholder tokens (Qwen2-VL / Qwen2.5-VL naming); absent ones are skipped.
 PLACEHOLDER_CONFIG_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
@@ -182,6 +183,16 @@ class Tally:
         }
 
 
+def reference_device(logits_device: torch.device, held: int, size: int):
+    """Where a batch's reference logits (`size` bytes) wait for the schemes: on the GPU that computes the logits
+    while the references held there (`held` bytes) stay within half of what is free for them, else on the CPU.
+    Kept on the GPU, they are not copied back for every scheme."""
+    if logits_device.type != "cuda":
+        return "cpu"
+    free, _total = torch.cuda.mem_get_info(logits_device)
+    return logits_device if held + size <= (free + held) // 2 else "cpu"
+
+
 def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch: Callable[[list[ChatSample]], dict],
              schemes: dict[str, Callable[[], AbstractContextManager]], reference_budget: int = REFERENCE_BUDGET,
              progress: Callable[[Iterable, str], Iterable] = lambda items, _description: items,
@@ -189,13 +200,16 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
     """Rows of metrics: the BF16 model (`model` as it is) under "bf16", and each scheme (`model` inside the
     context manager that `schemes[name]()` returns), on the batches `make_batch(batch_samples[i])`.
 
-    Batches are made as they are reached, and the BF16 reference logits are kept on the CPU for one chunk of
-    batches at a time: a chunk grows until the next batch's reference would take it past `reference_budget` bytes
-    (a chunk holds at least one batch), then every scheme is swapped in once and compared on the chunk. So at most
-    the budget (or one batch's reference, if larger) is held, however large the evaluation set.
+    Batches are made as they are reached, and the BF16 reference logits are kept for one chunk of batches at a
+    time (on the GPU where it has room, else on the CPU: `reference_device`): a chunk grows until the next batch's
+    reference would take it past `reference_budget` bytes (a chunk holds at least one batch), then every scheme is
+    swapped in once and compared on the chunk. So at most the budget (or one batch's reference, if larger) is held,
+    however large the evaluation set. The greedy replies are generated per chunk, up to GENERATE_BATCH prompts at
+    once, from prompts encoded once for all the models.
     `progress(items, description)` counts the steps (a batch through one model). `phases`, when given, gets each
     model's seconds by phase: apply (the scheme swapped in) and restore, forward (teacher-forced), compare (the
-    metrics against the reference), generate (greedy replies); the reference also encode (the batches made)."""
+    metrics against the reference), generate (greedy replies); the reference also encode (the batches and
+    prompts made)."""
     placeholders = placeholder_ids(model.config)
     tallies = {name: Tally() for name in (REFERENCE, *schemes)}
     phases = {} if phases is None else phases
@@ -205,27 +219,32 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
     # one step per batch and model, in whatever order the chunks take; next(steps) as each step starts
     steps = iter(progress(range(len(batch_samples) * (1 + len(schemes))),
                           f"evaluating BF16 and {len(schemes)} scheme(s)"))
+    device = next(model.parameters()).device  # where generate takes its inputs
 
     def compare_chunk() -> None:
+        with phases[REFERENCE]("encode"):
+            prompts = prompt_batches(processor, [s for _, group, _ in chunk for s in group], device)
+        with phases[REFERENCE]("generate"):
+            tallies[REFERENCE].replies += generate(model, processor, prompts)
         for name, applied in schemes.items():
             ph = phases[name]
             with ExitStack() as stack:
                 with ph("apply"):
                     stack.enter_context(applied())
-                for batch, samples, ref in chunk:
+                for batch, _samples, ref in chunk:
                     next(steps)
                     with ph("forward"):
                         got = outputs(model, batch, placeholders)
                     with ph("compare"):
                         tallies[name].add(ref, got)
-                    with ph("generate"):
-                        tallies[name].replies += greedy_replies(model, processor, samples)
+                with ph("generate"):
+                    tallies[name].replies += generate(model, processor, prompts)
                 with ph("restore"):
                     stack.close()
         chunk.clear()
 
     head = model.get_output_embeddings().weight  # the logits' width and dtype
-    held = 0
+    held = held_on_gpu = 0
     for samples in batch_samples:
         next(steps)
         with phases[REFERENCE]("encode"):
@@ -233,14 +252,14 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
         size = int(counted_positions(batch, placeholders)[0].sum()) * head.shape[0] * head.element_size()
         if chunk and held + size > reference_budget:  # before this batch's reference exists
             compare_chunk()
-            held = 0
+            held = held_on_gpu = 0
+        keep_on = reference_device(head.device, held_on_gpu, size)
         with phases[REFERENCE]("forward"):
-            ref = outputs(model, batch, placeholders, keep_on="cpu")
+            ref = outputs(model, batch, placeholders, keep_on=keep_on)
         tallies[REFERENCE].add_reference(ref)
-        with phases[REFERENCE]("generate"):
-            tallies[REFERENCE].replies += greedy_replies(model, processor, samples)
         chunk.append((batch, samples, ref))
         held += size
+        held_on_gpu += size if keep_on != "cpu" else 0
     if chunk:
         compare_chunk()
     for _ in steps:  # ends the progress display

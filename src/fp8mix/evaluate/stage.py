@@ -19,6 +19,7 @@ from .checkpoint import checkpoint_bytes, scheme_applied
 from .heldout import eval_set
 from .metrics import REFERENCE, TOP_K, evaluate, placeholder_ids
 from .served import eval_requests, served_tally, throughput
+from .vision import VisionReuse, touches
 
 BATCH_SIZE = 8
 VERSION = 3  # eval.json v3: one row per scheme and engine ("engine": "transformers" or "vllm"), top-k KL
@@ -51,21 +52,25 @@ def _emulated(opts: RunOptions, loaded, es, plans: dict, names: list[str], phase
     """Each model's metrics in transformers, the checkpoints' FP8 layers swapped into the BF16 model in turn;
     `phases` gets each model's seconds by phase."""
     model, proc, adapter = loaded.model, loaded.processor, loaded.adapter
+    vision = VisionReuse(model, adapter.vision_path)  # the BF16 vision tower's outputs, for every model
 
     def applied(name: str):
         @contextmanager
         def swap():
             ckpt = opts.run / "checkpoints" / name
-            with scheme_applied(model, ckpt, adapter) as fp8:
+            changed = []
+            with scheme_applied(model, ckpt, adapter, changed) as fp8:
                 if fp8 != plans[name]["fp8_modules"]:
                     raise FP8MixError(f"{ckpt} does not hold the FP8 layers its plan names; re-export it")
-                yield
+                with vision.suspended(touches(changed, adapter.vision_path)):
+                    yield
         return swap
 
     batch_samples = [es.samples[k:k + BATCH_SIZE] for k in range(0, len(es.samples), BATCH_SIZE)]
-    return evaluate(model, proc, batch_samples,
-                    lambda chunk: make_batches(proc, chunk, len(chunk), es.max_length, opts.device)[0],
-                    {name: applied(name) for name in names}, progress=progress, phases=phases)
+    with vision:
+        return evaluate(model, proc, batch_samples,
+                        lambda chunk: make_batches(proc, chunk, len(chunk), es.max_length, opts.device)[0],
+                        {name: applied(name) for name in names}, progress=progress, phases=phases)
 
 
 def _served(opts: RunOptions, source, es, processor, config, plans: dict, names: list[str]) -> dict[str, dict]:
