@@ -35,3 +35,20 @@ def test_flips_count_replies_that_change_after_normalisation():
     bf16 = ["Red.", "The circle.", "A tabby cat looking to the side.", "Two."]
     assert flips(bf16, bf16) == 0
     assert flips(["red", "the circle", "A tabby cat. Looking away.", "Three."], bf16) == 2
+
+
+def test_prompt_batches_hold_at_most_a_count_and_a_number_of_padded_tokens(embedded):
+    from fp8mix.data import sources
+    from fp8mix.evaluate.accuracy import prompt_batches
+
+    samples = sources.embedded("eval", 5)
+    sizes = lambda batches: [b["input_ids"].shape[0] for b in batches]  # noqa: E731
+    assert sizes(prompt_batches(embedded.processor, samples, "cpu")) == [5]
+    assert sizes(prompt_batches(embedded.processor, samples, "cpu", batch_size=2)) == [2, 2, 1]
+    lengths = [100, 100, 300, 100, 100]
+    assert sizes(prompt_batches(embedded.processor, samples, "cpu", lengths=lengths, max_tokens=400)) == [2, 1, 2]
+    one = prompt_batches(embedded.processor, samples, "cpu")[0]
+    split = prompt_batches(embedded.processor, samples, "cpu", batch_size=2)
+    ids = lambda b: [[t for t, m in zip(r, mk) if m] for r, mk in zip(b["input_ids"].tolist(),  # noqa: E731
+                                                                      b["attention_mask"].tolist())]
+    assert ids(one) == [r for b in split for r in ids(b)]  # the same prompts, in order

@@ -19,6 +19,7 @@ REPLY_TOKENS = 32  # greedy tokens generated per reply
 # Prompts the eval generates at once. A generate call costs REPLY_TOKENS decode steps whatever its batch (at these
 # sizes a step's time is that of reading the weights and launching the kernels): the default 64 samples take one.
 GENERATE_BATCH = 64
+GENERATE_TOKENS = 1 << 16  # and padded prompt tokens at once (the default data: 64 samples of at most ~650 tokens)
 # A sentence ends at . ! or ? followed by whitespace, or at a line break ("3.5 cm" does not end one).
 SENTENCE_END = re.compile(r"(?<=[.!?])\s|\n")
 
@@ -38,11 +39,21 @@ def normalise(text: str) -> str:
     return " ".join(spaced.split())
 
 
-def prompt_batches(processor, samples: list[ChatSample], device, batch_size: int = GENERATE_BATCH) -> list[dict]:
-    """The samples' prompts (ending with the assistant header), left-padded, in batches of `batch_size`, on
-    `device`: encoded once, so that every model generates from the same tensors."""
-    return [{n: t.to(device) for n, t in encode(processor, samples[k:k + batch_size], for_generation=True).items()}
-            for k in range(0, len(samples), batch_size)]
+def prompt_batches(processor, samples: list[ChatSample], device, batch_size: int = GENERATE_BATCH,
+                   lengths: list[int] | None = None, max_tokens: int = GENERATE_TOKENS) -> list[dict]:
+    """The samples' prompts (ending with the assistant header), left-padded, on `device`, in order: encoded once,
+    so that every model generates from the same tensors. A batch holds up to `batch_size` prompts and, given
+    `lengths` (a bound on each prompt's tokens, e.g. its whole conversation's), up to `max_tokens` padded tokens
+    (the prefill's activations grow with them)."""
+    lengths = lengths or [0] * len(samples)
+    groups, longest = [[]], 0
+    for i, n in enumerate(lengths):
+        if groups[-1] and (len(groups[-1]) == batch_size or (len(groups[-1]) + 1) * max(longest, n) > max_tokens):
+            groups.append([])
+            longest = 0
+        groups[-1].append(samples[i])
+        longest = max(longest, n)
+    return [{n: t.to(device) for n, t in encode(processor, g, for_generation=True).items()} for g in groups if g]
 
 
 @torch.no_grad()

@@ -223,7 +223,8 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
 
     def compare_chunk() -> None:
         with phases[REFERENCE]("encode"):
-            prompts = prompt_batches(processor, [s for _, group, _ in chunk for s in group], device)
+            lengths = [int(n) for batch, _, _ in chunk for n in batch["attention_mask"].sum(1).tolist()]
+            prompts = prompt_batches(processor, [s for _, group, _ in chunk for s in group], device, lengths=lengths)
         with phases[REFERENCE]("generate"):
             tallies[REFERENCE].replies += generate(model, processor, prompts)
         for name, applied in schemes.items():
