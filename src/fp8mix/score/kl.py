@@ -121,6 +121,7 @@ def _mixed(qw: QuantizedWeights, name: str, bf16, fp8_slots: set[int], n: int, x
     """One module's output on a stacked input: slice j in FP8 when j is in fp8_slots, else BF16. Neighbouring
     slices of the same kind go through one product (no product is computed twice)."""
     rows = x.shape[0] // n
+    assert rows * n == x.shape[0], "a stacked input's first dimension is the batch repeated once per variant"
     parts, start = [], 0
     for j in range(1, n + 1):
         if j == n or (j in fp8_slots) != (start in fp8_slots):
@@ -146,8 +147,9 @@ class Recorded:
         self.model, self.inputs = model, model_inputs(batch)
         self.text = counted_positions(batch, placeholders)[0]
         self.blocks, self.always = list(layers or []), [vision] if vision is not None else []
-        self.outputs: dict[nn.Module, object] = {}
-        handles = [m.register_forward_hook(lambda mod, _a, o: self.outputs.__setitem__(mod, copy.copy(o)))
+        # each call's output in call order (the vision tower runs once for images and once for videos)
+        self.outputs: dict[nn.Module, list] = {}
+        handles = [m.register_forward_hook(lambda mod, _a, o: self.outputs.setdefault(mod, []).append(copy.copy(o)))
                    for m in self.blocks + self.always]
         try:
             self.hidden = text_hidden(model, self.inputs, self.text)
@@ -169,8 +171,8 @@ class Recorded:
         n = len(variants)
         if n not in self._stacked:
             self._stacked[n] = repeated(self.inputs, n) if n > 1 else self.inputs
-        skip = {m: self.outputs[m] for m in self.blocks[:first_block] + self.always if m in self.outputs}
-        replays = {m: (lambda *_a, _out=out, **_k: repeated(_out, n)) for m, out in skip.items()}
+        calls = {m: iter(self.outputs[m]) for m in self.blocks[:first_block] + self.always if m in self.outputs}
+        replays = {m: (lambda *_a, _calls=c, **_k: repeated(next(_calls), n)) for m, c in calls.items()}
         with patched(fp8_forwards(qw, variants)), patched(replays):
             hidden = text_hidden(self.model, self._stacked[n], self.text.repeat(n, 1))
         return list(hidden.split(self.n_text))
