@@ -56,7 +56,8 @@ def test_families_kl_pass_equals_the_definition(family):
 
 def test_variants_of_a_stack_equal_separate_forwards(embedded):
     """A stack of variants that share modules, differ in others and one with nothing in FP8: each slice gives the
-    hidden states of its own forward; the instance forwards are put back afterwards."""
+    hidden states of its own forward, with the position ids of the BF16 pass; the instance forwards are put back
+    afterwards."""
     model = embedded.model
     batch = make_batches(embedded.processor, _samples()[:2], 2, 1024)[0]
     groups = list(embedded.layout.groups)
@@ -65,7 +66,14 @@ def test_variants_of_a_stack_equal_separate_forwards(embedded):
     from fp8mix.evaluate.metrics import placeholder_ids
 
     rec = kl.Recorded(model, batch, placeholder_ids(model.config), **_kw(embedded))
-    stacked = rec.variants(qw, variants, first_block=2)
+    assert rec.positions is not None and rec.positions.shape[-2:] == batch["input_ids"].shape
+    calls, rope_index = [], model.model.get_rope_index
+    model.model.get_rope_index = lambda *a, **k: calls.append(1) or rope_index(*a, **k)
+    try:
+        stacked = rec.variants(qw, variants, first_block=2)
+    finally:
+        del model.model.get_rope_index
+    assert not calls  # the recorded position ids are given to the variants (no loop over the samples again)
     for names, got in zip(variants, stacked):
         with kl.fp8_modules(qw, names):
             want = kl.text_hidden(model, rec.inputs, rec.text)

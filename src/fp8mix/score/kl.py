@@ -140,7 +140,8 @@ def fp8_modules(qw: QuantizedWeights, names: Iterable[str]):
 
 class Recorded:
     """One batch's BF16 forward: the text positions' final hidden states (`hidden`) and, with `layers` (the decoder
-    blocks) and `vision` (the vision tower) given, each one's output, to replay in FP8 variants of the batch."""
+    blocks) and `vision` (the vision tower) given, each one's output and the position ids, to replay in FP8
+    variants of the batch."""
 
     def __init__(self, model: nn.Module, batch: dict, placeholders: list[int], layers: nn.ModuleList | None = None,
                  vision: nn.Module | None = None):
@@ -151,6 +152,14 @@ class Recorded:
         self.outputs: dict[nn.Module, list] = {}
         handles = [m.register_forward_hook(lambda mod, _a, o: self.outputs.setdefault(mod, []).append(copy.copy(o)))
                    for m in self.blocks + self.always]
+        # the position ids the model computed (Qwen-VL's M-RoPE index: a loop over the samples, about 55 small ops
+        # and a device sync each), handed to the text model that holds the blocks; given back to every variant
+        self.positions = None
+        text_model = next((m for m in model.modules() if getattr(m, "layers", None) is layers), None) \
+            if layers is not None else None
+        if text_model is not None:
+            handles.append(text_model.register_forward_pre_hook(
+                lambda _m, _a, kw: setattr(self, "positions", kw.get("position_ids")), with_kwargs=True))
         try:
             self.hidden = text_hidden(model, self.inputs, self.text)
         finally:
@@ -170,7 +179,10 @@ class Recorded:
         the vision tower on a text-only batch, is not replayed)."""
         n = len(variants)
         if n not in self._stacked:
-            self._stacked[n] = repeated(self.inputs, n) if n > 1 else self.inputs
+            inputs = repeated(self.inputs, n) if n > 1 else dict(self.inputs)
+            if self.positions is not None:  # [..., batch, seq]: the batch repeated as the inputs are
+                inputs["position_ids"] = torch.cat([self.positions] * n, dim=-2)
+            self._stacked[n] = inputs
         calls = {m: iter(self.outputs[m]) for m in self.blocks[:first_block] + self.always if m in self.outputs}
         replays = {m: (lambda *_a, _calls=c, **_k: repeated(next(_calls), n)) for m, c in calls.items()}
         with patched(fp8_forwards(qw, variants)), patched(replays):
