@@ -79,3 +79,30 @@ def test_written_sizes_match_the_estimate(export_run, embedded, tmp_path):
     write_checkpoints(src, [job])
     written = sum(f.stat().st_size for f in (tmp_path / "full").glob("*.safetensors"))
     assert written == pytest.approx(estimated_bytes(src, job), rel=0.02)
+
+
+def test_a_source_of_mixed_dtypes_is_laid_out_as_before(export_run, tmp_path):
+    """Tensors are laid out by element size, then in the order safetensors lists the source's names (sorted), as
+    the writer always did, whatever order the source's header has; a float32 tensor is cast to BF16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fp8mix.export.compressed_tensors import export_checkpoint
+    from fp8mix.export.shard_writer import read_header
+    from fp8mix.models.loading import EMBEDDED
+
+    src = tmp_path / "src"
+    shutil.copytree(EMBEDDED, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].float()   # F32 first in the source's header
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    plan = _plans(export_run, ["fp8_autoquant_top50"])["fp8_autoquant_top50"]
+    out = export_checkpoint(str(src), plan, tmp_path / "out")
+    header = read_header(out / "model.safetensors")
+    size = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+    assert list(header) == sorted(header, key=lambda n: (-size[header[n].dtype], n))
+    assert [e.offset for e in header.values()] == sorted(e.offset for e in header.values())
+    assert header["model.norm.weight"].dtype == "BF16"
+    marker = json.loads((out / "fp8mix_plan.json").read_text())
+    assert marker["tensors"]["cast_to_bf16"] == ["model.norm.weight: torch.float32"]

@@ -97,7 +97,7 @@ def write_tensors(src: Source, outputs: list[Output], progress: Progress = no_pr
     ``phases`` gets the seconds spent reading and quantizing; each output's own ``phases`` its writes."""
     ph = phases or Phases()
     files = source_files(src.path)
-    headers = [read_header(f) for f in files]
+    headers = [_in_key_order(f) for f in files]
     layouts = [_entries(src, out, headers) for out in outputs]
     names = shard_names(len(files))
     weight_maps: list[dict[str, str]] = [{} for _ in outputs]
@@ -141,6 +141,13 @@ def write_tensors(src: Source, outputs: list[Output], progress: Progress = no_pr
         summaries.append({"n_tensors": sum(len(h) for h in headers) + len(out.extra), "n_shards": n_shards,
                           "bytes": total, "cast_to_bf16": cast})
     return summaries
+
+
+def _in_key_order(path: Path) -> dict:
+    """The file's tensors in the order safetensors lists their names (sorted), not the header's (by dtype)."""
+    header = read_header(path)
+    with safe_open(path, framework="pt") as fh:
+        return {k: header[k] for k in fh.keys()}
 
 
 def _one_tensor(src: Source, key: str, e, fd: int, fh, outputs: list[Output], writers: list, casts: list,
