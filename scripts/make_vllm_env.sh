@@ -39,7 +39,7 @@ fi
 PIP=(env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_REQUIREMENT
      -u PIP_NO_INDEX -u PIP_TARGET -u PIP_PREFIX -u PIP_USER PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
      "$VENV/bin/python" -m pip)
-PIP_OPTS=(--no-input)
+PIP_OPTS=(--no-input --no-cache-dir)  # no 3 GB copy of the wheels left in a cache
 [[ -n "${VLLM_ENV_INDEX_URL:-}" ]] && PIP_OPTS+=(--index-url "$VLLM_ENV_INDEX_URL")
 [[ -t 1 ]] || PIP_OPTS+=(--progress-bar off)
 
@@ -54,10 +54,17 @@ if [[ -d "$VENV" ]] && ! "$VENV/bin/python" -c "" 2>/dev/null; then
 fi
 rm -f "$STAMP"
 
-free_kb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}')
-if (( free_kb < 12 * 1024 * 1024 )); then
-    log "WARNING: only $((free_kb / 1024 / 1024)) GiB free; the venv needs about 6.2 GiB plus pip's cache"
-fi
+# The venv takes 6.2 GiB and pip unpacks ~3 GiB of wheels in its temporary folder while installing: a disk that
+# fills half-way leaves a broken venv and an OSError deep in pip's output, so stop first, with one line.
+need_gib=10
+for dir in "$(dirname "$VENV")" "${TMPDIR:-/tmp}"; do
+    free_kb=$(df -Pk "$dir" | awk 'NR==2 {print $4}')
+    if (( free_kb < need_gib * 1024 * 1024 )); then
+        echo "make_vllm_env: only $((free_kb / 1024 / 1024)) GiB free on $dir; building .venv-vllm needs about" \
+             "$need_gib GiB there (6.2 GiB venv + pip's unpacked wheels): free some space or set VLLM_VENV/TMPDIR" >&2
+        exit 1
+    fi
+done
 
 if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating venv $VENV with $("$PYTHON" --version 2>&1)"
