@@ -128,12 +128,15 @@ def test_modelopt_exclude_list_keeps_the_vision_tower_bf16_in_vllm(run):
     assert not any(excluded(ad.to_vllm(ad.to_disk(m))) for m in _plan(r, "full")["fp8_modules"])
 
 
-def test_eval_and_report_name_the_family(run):
+def test_eval_and_report_name_the_family(run, monkeypatch):
     from fp8mix.evaluate.stage import stage_eval
     from fp8mix.report.stage import stage_report
 
     r = run
+    resolved, real_resolve = [], loading.resolve
+    monkeypatch.setattr(loading, "resolve", lambda *a, **k: resolved.append(a) or real_resolve(*a, **k))
     stage_eval(r["opts"], n_eval=3, engine="transformers")
+    assert len(resolved) == 1  # the model argument (a hub lookup when it is an id) is resolved once
     rows = {row["scheme"]: row for row in json.loads((r["opts"].run / "eval.json").read_text())["rows"]}
     assert {"bf16", "half", "full"} <= set(rows)
     assert rows["full"]["lm_weight_bytes"] < rows["half"]["lm_weight_bytes"] < rows["bf16"]["lm_weight_bytes"]

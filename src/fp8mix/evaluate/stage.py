@@ -139,12 +139,13 @@ def stage_eval(opts: RunOptions, n_eval: int = 64, engine: str = "auto") -> dict
     engines = {"transformers": engine in ("auto", "transformers"), "vllm": engine == "vllm" or
                (engine == "auto" and has_vllm)}
 
-    model_id, path = loading.resolve(model_arg(opts))
-    with phases("load"):
+    with phases("load"):  # the model argument is resolved once (a hub id is a lookup)
         if engines["transformers"]:
             loaded = loading.load(model_arg(opts), device=opts.device, device_map=opts.device_map)
             net, proc, adapter, layout = loaded.model, loaded.processor, loaded.adapter, loaded.layout
+            model_id, path = loaded.model_id, loaded.path
         else:
+            model_id, path = loading.resolve(model_arg(opts))
             net, adapter = loading.build_empty(path)
             proc, layout = load_processor(path), adapter.layout(net)
     with phases("eval_set"):
