@@ -172,6 +172,9 @@ def _one_tensor(src: Source, key: str, e, fd: int, fh, outputs: list[Output], wr
             if memo not in quantized:
                 with ph("quantize"):
                     quantized[memo] = quantize_weight_chunked(source(), out.fmt, scale=q.weight_scale)
+                if not bool(torch.isfinite(quantized[memo][1]).all()):
+                    raise FP8MixError(f"{key} holds inf or NaN values, so its FP8 scale would too; the source "
+                                      "checkpoint is damaged")
             w_fp8, w_scale = quantized[memo]
             w_scale, x_scale = out.scale_layout(w_scale, q.input_scale, out.fmt)
             base = disk[: -len(".weight")]
