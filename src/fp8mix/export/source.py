@@ -15,9 +15,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..errors import FP8MixError
 from ..models import FamilyAdapter, ModelLayout
 
-__all__ = ["Source", "iter_tensors", "load_for_calibration", "memory_name", "source_files", "source_of"]
+__all__ = ["Source", "iter_tensors", "load_for_calibration", "memory_name", "open_shard", "source_files",
+           "source_of"]
 
 
 @dataclass
@@ -85,10 +87,21 @@ def source_files(path: Path) -> list[Path]:
 def iter_tensors(path: Path) -> Iterator[tuple[int, int, str, Callable[[], torch.Tensor]]]:
     """(shard index, shard count, on-disk name, loader) for every tensor of the source, shard by shard; a tensor is
     read only when its loader is called."""
-    from safetensors import safe_open
-
     files = source_files(path)
     for i, f in enumerate(files):
-        with safe_open(f, framework="pt") as fh:
+        with open_shard(f) as fh:
             for key in fh.keys():
                 yield i, len(files), key, (lambda fh=fh, key=key: fh.get_tensor(key))
+
+
+def open_shard(path: Path):
+    """``safe_open`` on a source shard (which checks its header, and that its data covers the file); a file
+    safetensors cannot read is an error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except FileNotFoundError:
+        raise FP8MixError(f"{path} is missing: the model folder's index names it") from None
+    except SafetensorError as exc:
+        raise FP8MixError(f"{path} is not a valid safetensors file ({exc}): the checkpoint is corrupt") from None

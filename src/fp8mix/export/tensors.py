@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from ..errors import FP8MixError
 from ..progress import Progress, no_progress
@@ -27,7 +26,7 @@ from ..quant.numerics import FP8Format, quantize_weight_chunked, weight_scale_sh
 from ..timing import Phases
 from .prepare import QuantizedModule
 from .shard_writer import ST_DTYPES, ShardWriter, read_header
-from .source import Source, memory_name, source_files
+from .source import Source, memory_name, open_shard, source_files
 
 __all__ = ["Output", "ScaleLayout", "shard_names", "write_tensors"]
 
@@ -110,7 +109,7 @@ def write_tensors(src: Source, outputs: list[Output], progress: Progress = no_pr
                    for out, lay in zip(outputs, layouts)]
         fd = os.open(f, os.O_RDONLY)
         try:
-            with safe_open(f, framework="pt") as fh:
+            with open_shard(f) as fh:
                 for key, e in header.items():
                     next(steps)
                     _one_tensor(src, key, e, fd, fh, outputs, writers, casts, ph)
@@ -144,10 +143,12 @@ def write_tensors(src: Source, outputs: list[Output], progress: Progress = no_pr
 
 
 def _in_key_order(path: Path) -> dict:
-    """The file's tensors in the order safetensors lists their names (sorted), not the header's (by dtype)."""
+    """The file's tensors in the order safetensors lists their names (sorted), not the header's (by dtype); a file
+    safetensors cannot read is an error."""
+    with open_shard(path) as fh:
+        keys = list(fh.keys())
     header = read_header(path)
-    with safe_open(path, framework="pt") as fh:
-        return {k: header[k] for k in fh.keys()}
+    return {k: header[k] for k in keys}
 
 
 def _one_tensor(src: Source, key: str, e, fd: int, fh, outputs: list[Output], writers: list, casts: list,
