@@ -129,3 +129,20 @@ def test_one_process_serves_several_models_like_one_process_each(check_run, live
     timings = after_broken["timings_s"]
     print(f"\nthe full scheme alone: {alone['timings_s']}\nthe same, third in one process: {timings}")
     assert timings["import"] == 0 and timings["load"] == timings["engine_start"]
+
+
+def test_a_process_that_ended_between_models_is_replaced():
+    """The runner's process ended while no model was in progress (killed, out of memory): the next model is served
+    by a fresh process, not failed for an exit that was not its own."""
+    import os
+    import signal
+
+    from fp8mix.models.loading import EMBEDDED
+
+    with Runner() as runner:
+        assert runner.start()
+        os.kill(runner._proc.pid, signal.SIGKILL)
+        runner._proc.wait()
+        res = runner.serve(EMBEDDED)
+        assert res["ran"] and res["ok"], res["errors"]
+        assert runner.processes == 2

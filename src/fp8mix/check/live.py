@@ -155,6 +155,8 @@ class Runner:
         py = vllm_python()
         if py is None:
             return False
+        if self._proc is not None and self._proc.poll() is not None:  # ended between models (killed, out of memory)
+            self._end(kill=False)
         if self._proc is None:
             self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="fp8mix-vllm-")
             self._log = Path(self._tmp.name) / f"vllm-{self.processes}.log"
