@@ -106,3 +106,30 @@ def test_a_source_of_mixed_dtypes_is_laid_out_as_before(export_run, tmp_path):
     assert header["model.norm.weight"].dtype == "BF16"
     marker = json.loads((out / "fp8mix_plan.json").read_text())
     assert marker["tensors"]["cast_to_bf16"] == ["model.norm.weight: torch.float32"]
+
+
+def test_static_weights_with_equal_scales_are_quantized_once(export_run, embedded, tmp_path, monkeypatch):
+    """Two fp8_static plans calibrated alike hold a weight with the same shared scale: it is quantized once for
+    both, and each checkpoint is what it is alone."""
+    from fp8mix.export import tensors
+    from fp8mix.export.compressed_tensors import export_checkpoint, prepare_checkpoint
+    from fp8mix.export.jobs import write_checkpoints
+    from fp8mix.export.source import source_of
+
+    top50 = _plans(export_run, ["fp8_autoquant_top50"])["fp8_autoquant_top50"]
+    blocks = top50["fp8_blocks"]
+    plans = {"one": restrict_plan(top50, {blocks[0]}), "two": restrict_plan(top50, {blocks[0], blocks[1]})}
+    plans = {n: {**p, "scheme": n, "fp8_format": "fp8_static"} for n, p in plans.items()}
+    src = source_of(embedded)
+    scales = {m: torch.tensor([0.01 * (1 + i % 7)]) for i, m in enumerate(m for g in src.layout.groups
+                                                                          for m in g.modules)}
+    alone = {n: export_checkpoint(embedded, p, tmp_path / "alone" / n, input_scales=scales) for n, p in plans.items()}
+    calls = []
+    real = tensors.quantize_weight_chunked
+    monkeypatch.setattr(tensors, "quantize_weight_chunked", lambda w, fmt, scale=None: calls.append(fmt) or
+                        real(w, fmt, scale=scale))
+    jobs = [prepare_checkpoint(embedded, p, tmp_path / "together" / n, input_scales=scales) for n, p in plans.items()]
+    write_checkpoints(src, jobs)
+    for n in plans:
+        assert _files(tmp_path / "together" / n) == _files(alone[n]), n
+    assert len(calls) == len(plans["two"]["fp8_modules"])

@@ -169,7 +169,8 @@ def _one_tensor(src: Source, key: str, e, fd: int, fh, outputs: list[Output], wr
     for out, w, cast in zip(outputs, writers, casts):
         q = out.quant.get(module) if module is not None else None
         if q is not None:
-            memo = (out.fmt, None if q.weight_scale is None else id(q.weight_scale))
+            fixed = q.weight_scale  # equal values quantize alike, whichever plan's tensor holds them
+            memo = (out.fmt, None if fixed is None else fixed.detach().to("cpu", torch.float32).numpy().tobytes())
             if memo not in quantized:
                 with ph("quantize"):
                     quantized[memo] = quantize_weight_chunked(source(), out.fmt, scale=q.weight_scale)
