@@ -133,3 +133,30 @@ def test_static_weights_with_equal_scales_are_quantized_once(export_run, embedde
     for n in plans:
         assert _files(tmp_path / "together" / n) == _files(alone[n]), n
     assert len(calls) == len(plans["two"]["fp8_modules"])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB file system (tmpfs; needs the right to mount: skipped without it)."""
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(export_run, small_disk):
+    from fp8mix.errors import FP8MixError
+    from fp8mix.export.compressed_tensors import export_checkpoint
+
+    plan = _plans(export_run, ["fp8_autoquant_top50"])["fp8_autoquant_top50"]
+    (small_disk / "ckpt").mkdir()
+    (small_disk / "ckpt" / "config.json").write_text("{}")
+    with pytest.raises(FP8MixError, match="no space left on the disk of"):
+        export_checkpoint(None, plan, small_disk / "ckpt")
+    assert [p.name for p in small_disk.iterdir()] == ["ckpt"]
+    assert (small_disk / "ckpt" / "config.json").read_text() == "{}"

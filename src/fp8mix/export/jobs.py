@@ -7,6 +7,7 @@ space (``groups``): the checkpoints of a group exist beside the ones they replac
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
 from contextlib import ExitStack
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import FP8MixError
 from ..progress import Progress, no_progress
 from ..timing import Phases
 from .folder import staged_dir
@@ -65,11 +67,20 @@ def write_checkpoints(src: Source, jobs: list[Job], progress: Progress = no_prog
                       phases: Phases | None = None) -> None:
     """Write the jobs' checkpoints, reading the source's tensors once; `phases` gets the reading and quantizing,
     each job's ``output.phases`` its writes and files."""
-    with ExitStack() as stack:
-        tmps = [stack.enter_context(staged_dir(job.out_dir)) for job in jobs]
-        for job, tmp in zip(jobs, tmps):
-            job.output.folder = tmp
-        summaries = write_tensors(src, [job.output for job in jobs], progress, phases)
-        for job, tmp, summary in zip(jobs, tmps, summaries):
-            with job.output.phases("files"):
-                job.finish(tmp, summary)
+    try:
+        with ExitStack() as stack:
+            tmps = [stack.enter_context(staged_dir(job.out_dir)) for job in jobs]
+            for job, tmp in zip(jobs, tmps):
+                job.output.folder = tmp
+            summaries = write_tensors(src, [job.output for job in jobs], progress, phases)
+            for job, tmp, summary in zip(jobs, tmps, summaries):
+                with job.output.phases("files"):
+                    job.finish(tmp, summary)
+    except OSError as exc:  # the staged folders are removed by now
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        folder = Path(jobs[0].out_dir).parent
+        need = sum(estimated_bytes(src, job) for job in jobs)
+        raise FP8MixError(f"no space left on the disk of {folder} while writing {len(jobs)} checkpoint(s) of about "
+                          f"{need / 2**30:.2f} GiB ({shutil.disk_usage(folder).free / 2**30:.2f} GiB free); "
+                          "they were not written (any previous ones are kept)") from None
