@@ -54,3 +54,36 @@ def test_study_records_seconds_per_config_and_control(tmp_path):
         assert c["seconds"] >= c["batches_s"] + c["pass_s"] - 0.05 and c["pass_s"] > 0, (label, c)
     assert rec["configs"]["kl_div"]["method"] == "kl_div"
     assert rec["control"]["pass_s"] > 0 and rec["control"]["seconds"] <= rec["seconds"]
+
+
+def test_study_of_a_one_block_model_stops_before_scoring_its_configs(tmp_path):
+    """With one LM block there is no ranking to compare: rank correlations would be NaN and every control choice
+    the same block. The study stops with one line after the base config, before scoring the others."""
+    from fp8mix.context import RunOptions
+    from fp8mix.score.stage import stage_score, stage_study
+    from fp8mix.score.study import rank_stability
+    from random_models import qwen2_vl_config, random_model_folder
+
+    folder = random_model_folder(tmp_path / "model", qwen2_vl_config(num_hidden_layers=1))
+    opts = RunOptions(run=tmp_path / "run", model=str(folder), score_overrides={"calib_samples": 2, "batch_size": 2})
+    done = stage_score(opts)
+    with pytest.raises(FP8MixError, match="1 LM block"):
+        stage_study(opts, n_control=2)
+    assert sorted(p.name for p in (opts.run / "scores").glob("*.json")) == sorted(p.name for p in done.values())
+    doc = {"blocks": [{"block": 0, "score": 1.0, "rank": 0}]}
+    with pytest.raises(FP8MixError, match="1 LM block"):
+        rank_stability({"a": doc, "b": doc})
+
+
+def test_study_configs_label_what_they_vary():
+    from fp8mix.score.settings import AutoQuantSettings
+    from fp8mix.score.study import study_configs
+
+    for with_images in (True, False):
+        base = AutoQuantSettings(with_images=with_images)
+        labels = dict(study_configs(base))
+        assert "base" in labels and all(s.with_images == with_images for k, s in labels.items()
+                                        if k not in ("text_only", "with_images"))
+        assert "text_only" in labels if with_images else "with_images" in labels
+        assert not labels.get("text_only", base.model_copy(update={"with_images": False})).with_images
+        assert labels.get("with_images", base.model_copy(update={"with_images": True})).with_images

@@ -102,7 +102,7 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
     from ..models import loading
     from ..quant.numerics import FP8Format
     from .batches import fitted, make_batches
-    from .study import consistently_sensitive, control, kind_patterns, rank_stability, study_configs
+    from .study import check_blocks, consistently_sensitive, control, kind_patterns, rank_stability, study_configs
 
     t0 = time.time()
     catalog, _ = catalog_of(opts)
@@ -114,6 +114,7 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
     for label, settings in study_configs(base):
         key = settings.key(fingerprint)
         doc = read_json(cache.get(key, settings), "sensitivity")
+        check_blocks(doc["n_blocks"])  # before the other configs' passes
         docs[label] = doc
         runs.append({"label": label, "settings_key": key, "settings": doc["settings"], "blocks": doc["blocks"],
                      "groups": {g["name"]: g["score"] for g in doc["groups"]}})

@@ -25,18 +25,27 @@ CONTROL_FRACTIONS = (0.25, 0.5)
 
 
 def study_configs(base: AutoQuantSettings) -> list[tuple[str, AutoQuantSettings]]:
-    """3 seeds, 2 sample counts, images vs text only, gradient vs KL (each varying one thing from the base)."""
+    """3 seeds, 2 sample counts, images vs text only, gradient vs KL (each varying one thing from the base; a
+    text-only base is compared with images, labelled so)."""
     half = max(1, base.calib_samples // 2)
     return [
         ("base", base),
         (f"seed{base.seed + 1}", base.model_copy(update={"seed": base.seed + 1})),
         (f"seed{base.seed + 2}", base.model_copy(update={"seed": base.seed + 2})),
         (f"samples{half}", base.model_copy(update={"calib_samples": half})),
-        ("text_only", base.model_copy(update={"with_images": not base.with_images})
-         if base.with_images else base.model_copy(update={"with_images": True})),
+        ("text_only", base.model_copy(update={"with_images": False})) if base.with_images
+        else ("with_images", base.model_copy(update={"with_images": True})),
         ("kl_div" if base.method == "gradient" else "gradient",
          base.model_copy(update={"method": "kl_div" if base.method == "gradient" else "gradient"})),
     ]
+
+
+def check_blocks(n_blocks: int) -> None:
+    """The study compares block rankings: with fewer than two blocks every rank correlation is undefined (NaN) and
+    every control choice is the same block."""
+    if n_blocks < 2:
+        raise FP8MixError(f"the sensitivity study compares rankings of LM blocks and this model has {n_blocks} LM "
+                          "block: nothing to rank; leave the study out (fp8mix run --no-study)")
 
 
 def _block_vector(doc: dict) -> list[float]:
@@ -46,6 +55,7 @@ def _block_vector(doc: dict) -> list[float]:
 def rank_stability(docs: dict[str, dict]) -> dict:
     labels = list(docs)
     vecs = {k: _block_vector(d) for k, d in docs.items()}
+    check_blocks(min(len(v) for v in vecs.values()))
     gvecs = {k: [g["score"] for g in d["groups"]] for k, d in docs.items()}
     sp = [[float(spearmanr(vecs[a], vecs[b])[0]) for b in labels] for a in labels]
     kt = [[float(kendalltau(vecs[a], vecs[b])[0]) for b in labels] for a in labels]
