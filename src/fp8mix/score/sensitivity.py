@@ -18,6 +18,10 @@ from .batches import calibration_batches
 from .settings import AutoQuantSettings
 
 GRANULARITY = "group"
+# what a score sums, per method
+LOSS = {"gradient": "mean next-token cross-entropy over the assistant reply tokens of each batch",
+        "kl_div": "sum of KL(p_BF16 || p_FP8) of the next-token distribution over the text positions (as eval "
+                  "counts them: the next token is a real token, not an image placeholder or vision marker)"}
 
 
 def build_document(model_id: str, fingerprint: str, layout: ModelLayout, settings: AutoQuantSettings,
@@ -41,7 +45,7 @@ def build_document(model_id: str, fingerprint: str, layout: ModelLayout, setting
         "calibration": {"source": settings.data, "n_samples": n_samples, "n_tokens": n_tokens,
                         "with_images": settings.with_images, "seed": settings.seed,
                         "batch_size": settings.batch_size, "max_length": settings.max_length,
-                        "loss": "mean next-token cross-entropy over the assistant reply tokens of each batch"},
+                        "loss": LOSS[settings.method]},
         "fp8_format": settings.fp8_format.value,
         "n_blocks": layout.n_blocks,
         "model_layout": plan_facts,
