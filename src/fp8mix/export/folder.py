@@ -96,16 +96,21 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    old = None
     try:
         yield tmp
         _public_modes(tmp)
-        old = None
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
             os.replace(out_dir, old / "ckpt")
         os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            if (old / "ckpt").exists() and not out_dir.exists():  # stopped between the two moves: put it back
+                os.replace(old / "ckpt", out_dir)
+            if not (old / "ckpt").exists():
+                shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
