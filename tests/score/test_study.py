@@ -87,3 +87,19 @@ def test_study_configs_label_what_they_vary():
         assert "text_only" in labels if with_images else "with_images" in labels
         assert not labels.get("text_only", base.model_copy(update={"with_images": False})).with_images
         assert labels.get("with_images", base.model_copy(update={"with_images": True})).with_images
+
+
+def test_control_with_non_finite_kl_is_an_error(embedded):
+    """A non-finite KL (a NaN or overflowing forward on the held-out data) stops the control with one line instead
+    of being written into the study."""
+    batches = make_batches(embedded.processor, [shapes.sample("eval", 0)], 1, 1024)
+    weight = embedded.model.get_submodule("model.language_model.layers.5.mlp.down_proj").weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[0, 0] = float("nan")
+        with pytest.raises(FP8MixError, match="not finite"):
+            control(embedded.model, embedded.layout, _doc(embedded.layout.n_blocks), batches, "fp8_dynamic")
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

@@ -128,6 +128,11 @@ def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, see
                 tot[c] += float(kl.kl_sum(head, h, ref))
         del bf16, ref
     kl_of = {c: v / count for c, v in tot.items()}
+    bad = [sorted(c) for c, v in kl_of.items() if not math.isfinite(v)]
+    if bad:
+        raise FP8MixError(f"the control's KL is not finite for {len(bad)} of {len(kl_of)} block choices (first: blocks "
+                          f"{bad[0]}): a forward on the held-out data overflowed or gave NaN; check the model's "
+                          "weights and --data")
 
     out = {}
     for frac, ch in choices.items():
