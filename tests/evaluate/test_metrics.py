@@ -181,3 +181,11 @@ def test_no_average_over_zero_tokens(embedded):
     assert "\n" not in str(err.value) and "--data" in str(err.value)
     with pytest.raises(FP8MixError, match="no text token"):
         _evaluate(embedded, [], {})
+
+
+def test_a_scheme_named_like_the_reference_is_an_error(embedded):
+    """A scheme called "bf16" would share the reference's tally and row: one clear line before any work."""
+    samples, per_batch = _eval_set(embedded, 8)
+    with pytest.raises(FP8MixError, match="named 'bf16', the BF16 reference") as err:
+        _evaluate(embedded, per_batch, {"bf16": contextlib.nullcontext})
+    assert "\n" not in str(err.value)

@@ -210,6 +210,8 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
     model's seconds by phase: apply (the scheme swapped in) and restore, forward (teacher-forced), compare (the
     metrics against the reference), generate (greedy replies); the reference also encode (the batches and
     prompts made)."""
+    if REFERENCE in schemes:
+        raise FP8MixError(f"a scheme is named {REFERENCE!r}, the BF16 reference's name: rename it in the catalog")
     placeholders = placeholder_ids(model.config)
     tallies = {name: Tally() for name in (REFERENCE, *schemes)}
     phases = {} if phases is None else phases
