@@ -111,3 +111,16 @@ def test_eval_requests_cover_every_sample_twice():
     req = eval_requests(samples)
     assert [r["id"] for r in req.requests] == [f"eval/{i}/{k}" for i in range(3) for k in ("reply", "conversation")]
     assert req.requests[1]["prompt_logprobs"] == 20 and req.requests[0]["max_tokens"] == 32
+
+
+def test_a_served_output_without_its_reply_or_reference_logprobs_is_an_error(embedded):
+    proc, placeholders = embedded.processor, placeholder_ids(embedded.model.config)
+    samples = sources.held_out("embedded", 1)
+    ids = encode(proc, samples)["input_ids"][0].tolist()
+    plp = [None] + [{"logprob": -1.0, "rank": 1, "top": [[t, -1.0]]} for t in ids[1:]]
+    full = {"eval/0/conversation": {"prompt_token_ids": ids, "prompt_logprobs": plp}, "eval/0/reply": {"text": ""}}
+    no_reply = {"eval/0/conversation": full["eval/0/conversation"]}
+    no_logprobs = {**full, "eval/0/conversation": {"prompt_token_ids": ids, "prompt_logprobs": None}}
+    for got, ref in ((no_reply, full), (full, no_logprobs)):
+        with pytest.raises(FP8MixError, match="lack sample 0"):
+            served_tally(got, ref, samples, proc, placeholders, "scheme")

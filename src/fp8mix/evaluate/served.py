@@ -59,8 +59,9 @@ def served_tally(outputs: dict, reference: dict, samples: list[ChatSample], proc
     tally = Tally()
     for i, s in enumerate(samples):
         got, ref = outputs.get(f"eval/{i}/conversation"), reference.get(f"eval/{i}/conversation")
-        if got is None or ref is None or got.get("prompt_logprobs") is None:
-            raise FP8MixError(f"vLLM's outputs for {who} lack sample {i} of the evaluation set; rerun fp8mix eval")
+        for name, out in ((who, got), ("bf16", ref)):
+            if out is None or out.get("prompt_logprobs") is None or (name == who and f"eval/{i}/reply" not in outputs):
+                raise FP8MixError(f"vLLM's outputs for {name} lack sample {i} of the evaluation set; rerun fp8mix eval")
         enc = encode(processor, [s])
         ids = enc["input_ids"][0].tolist()
         for name, out in ((who, got), ("bf16", ref)):
