@@ -52,3 +52,12 @@ def test_prompt_batches_hold_at_most_a_count_and_a_number_of_padded_tokens(embed
     ids = lambda b: [[t for t, m in zip(r, mk) if m] for r, mk in zip(b["input_ids"].tolist(),  # noqa: E731
                                                                       b["attention_mask"].tolist())]
     assert ids(one) == [r for b in split for r in ids(b)]  # the same prompts, in order
+
+
+def test_an_answer_with_no_words_is_not_scored():
+    """An empty or punctuation-only reference answer normalises to nothing: an empty reply would match it."""
+    samples = [_sample("Red."), _sample(""), _sample(" ... ")]
+    got = accuracy_of(["blue", "", "..."], samples)
+    assert got["n_answers"] == 1 and got["answer_accuracy"] == 0.0 and got["answer_exact_match"] == 0.0
+    none = accuracy_of([""], [_sample("")])
+    assert none["n_answers"] == 0 and none["answer_accuracy"] != none["answer_accuracy"]

@@ -74,8 +74,10 @@ def greedy_replies(model, processor, samples: list[ChatSample], max_new_tokens: 
 
 def accuracy_of(replies: list[str], samples: list[ChatSample]) -> dict:
     """Answer accuracy of `replies` (one per sample) over the samples that have a reference answer: normalised
-    (`answer_accuracy`) and exact (`answer_exact_match`); NaN when no sample has an answer."""
-    pairs = [(r, s.answer) for r, s in zip(replies, samples, strict=True) if s.answer is not None]
+    (`answer_accuracy`) and exact (`answer_exact_match`); NaN when no sample has an answer. An answer that
+    normalises to nothing (empty, or punctuation only) is none: an empty reply would match it."""
+    pairs = [(r, s.answer) for r, s in zip(replies, samples, strict=True)
+             if s.answer is not None and normalise(s.answer)]
     n = len(pairs)
     return {"answer_accuracy": sum(normalise(r) == normalise(a) for r, a in pairs) / n if n else float("nan"),
             "answer_exact_match": sum(r.strip() == a.strip() for r, a in pairs) / n if n else float("nan"),
