@@ -39,11 +39,12 @@ def kl_scores_reference(model, groups, batches, fmt) -> dict[str, float]:
 
 
 @torch.no_grad()
-def control_kl_reference(model, layout, blocks, batches, fmt) -> float:
+def control_kl_reference(model, layout, blocks, batches, fmt, calib_batches=None) -> float:
     """The control's figure for one block choice straight from its definition: KL(p_BF16 ‖ p_choice) per text
-    position, the blocks in `blocks` in FP8, full forwards and full logits."""
+    position, the blocks in `blocks` in FP8 (fp8_static's input scales from `calib_batches`, as export calibrates
+    the checkpoint's, else from `batches`), full forwards and full logits."""
     qw = QuantizedWeights(model, [g.modules for g in layout.groups], fmt)
-    qw.calibrate(model, batches)
+    qw.calibrate(model, calib_batches or batches)
     placeholders = placeholder_ids(model.config)
     mods = {n: qw.modules[n] for g in layout.groups if g.block in blocks for n in g.modules}
     total, count = 0.0, 0

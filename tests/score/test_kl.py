@@ -123,3 +123,19 @@ def test_repeated_follows_the_batch_dimension():
     assert torch.equal(rep.last_hidden_state[3:6], out.last_hidden_state)
     assert out.last_hidden_state.shape == (3, 2)  # the recorded output is left as it was
     assert kl.repeated([torch.zeros(2), None], 2)[1] is None
+
+
+def test_control_uses_the_checkpoints_static_input_scales(embedded):
+    """fp8_static: the input scales of the checkpoints the control stands for are calibrated on the calibration
+    set (as export does), not on the held-out samples the control measures."""
+    held_out = make_batches(embedded.processor, [shapes.sample("eval", 0), real.photo_sample("eval", 1)], 2, 1024)
+    calib = make_batches(embedded.processor, [real.text_sample("calib", 0), shapes.sample("calib", 2)], 2, 1024)
+    layout = embedded.layout
+    doc = {"blocks": [{"block": b, "rank": b} for b in range(layout.n_blocks)]}
+    out = control(embedded.model, layout, doc, held_out, "fp8_static", calib_batches=calib, **_kw(embedded))
+    row = out["0.25"]
+    want = control_kl_reference(embedded.model, layout, set(range(row["blocks"])), held_out, FP8Format.fp8_static,
+                                calib_batches=calib)
+    other = control_kl_reference(embedded.model, layout, set(range(row["blocks"])), held_out, FP8Format.fp8_static)
+    assert abs(want - other) > 1e-3 * want  # the scales matter here
+    assert abs(row["first_k"] - want) <= REL * want, (row["first_k"], want)

@@ -98,10 +98,12 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
     """Score the default setting under the study's configs, compare them, and run the held-out control. run.json's
     study stage gets the seconds of each config's pass (batches and scoring apart; a config scored before is
     marked cached) and of the control."""
+    import torch
+
     from ..data.sources import held_out
     from ..models import loading
     from ..quant.numerics import FP8Format
-    from .batches import fitted, make_batches
+    from .batches import calibration_batches, fitted, make_batches
     from .study import check_blocks, consistently_sensitive, control, kind_patterns, rank_stability, study_configs
 
     t0 = time.time()
@@ -124,16 +126,21 @@ def stage_study(opts: RunOptions, n_control: int = 32) -> dict:
         return {}
     loaded = cache.model()
     t = time.time()
-    # the control's KL does not depend on the batching (as the KL score's; fp8_static's scales, calibrated on
-    # these batches with their padding, do)
+    # the control's KL does not depend on the batching (as the KL score's; fp8_static's scales come from the
+    # calibration batches below, not from these)
     samples, _ = fitted(loaded.processor, held_out(base.data, n_control), base.max_pixels, base.max_length,
-                        "control", by_length=base.fp8_format is not FP8Format.fp8_static)
+                        "control", by_length=True)
     batches = make_batches(loaded.processor, samples, 8, base.max_length, opts.device)
+    calib = None
+    if base.fp8_format is FP8Format.fp8_static:  # the checkpoints' input scales, calibrated as export does
+        torch.manual_seed(base.seed)
+        calib = calibration_batches(loaded.processor, base, opts.device)[0]
     t_batches = time.time()
     model, adapter = loaded.model, loaded.adapter
     result = control(model, loaded.layout, docs["base"], batches, base.fp8_format, base.seed, progress,
                      layers=model.get_submodule(adapter.blocks_path),
-                     vision=model.get_submodule(adapter.vision_path) if adapter.vision_path else None)
+                     vision=model.get_submodule(adapter.vision_path) if adapter.vision_path else None,
+                     calib_batches=calib)
     control_s = {"seconds": round(time.time() - t, 2), "batches_s": round(t_batches - t, 2),
                  "pass_s": round(time.time() - t_batches, 2)}
     study = {

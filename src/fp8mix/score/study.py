@@ -87,18 +87,20 @@ def kind_patterns(doc: dict, n_blocks: int) -> dict:
 @torch.no_grad()
 def control(model, layout: ModelLayout, doc: dict, batches: list[dict], fmt, seed: int = 0,
             progress: Progress = no_progress, layers: nn.ModuleList | None = None,
-            vision: nn.Module | None = None) -> dict:
+            vision: nn.Module | None = None, calib_batches: list[dict] | None = None) -> dict:
     """Held-out KL(BF16 ‖ FP8 choice) per text position (as eval counts them) of the AutoQuant block choice at each
     control coverage, against N_RANDOM random choices of as many blocks, the first-K and the last-K blocks.
 
     Computed as the KL score computes it (kl.py): per batch one recorded BF16 forward and the reference's
     log-probabilities, then the distinct choices STACK at a time in one stacked forward each; with `layers` and
     `vision` given, the vision tower and the blocks before a stack's first FP8 block are replayed. A choice drawn
-    twice (or equal to another choice) is computed once, so equal choices get equal figures."""
+    twice (or equal to another choice) is computed once, so equal choices get equal figures. fp8_static: the input
+    scales calibrated on `calib_batches` (the calibration set, as export calibrates the checkpoints'), else on
+    `batches`."""
     from ..plan.planner import blocks_for_fraction
 
     qw = QuantizedWeights(model, [g.modules for g in layout.groups], fmt)
-    qw.calibrate(model, batches)  # no reduce across ranks: the control runs in the main process alone
+    qw.calibrate(model, calib_batches or batches)  # no reduce across ranks: the control runs in the main process
     placeholders = placeholder_ids(model.config)
     # KL over the positions that predict text, as eval counts them (not padding, not image placeholders)
     if not any(bool(counted_positions(b, placeholders)[0].any()) for b in batches):
