@@ -189,3 +189,24 @@ def test_a_scheme_named_like_the_reference_is_an_error(embedded):
     with pytest.raises(FP8MixError, match="named 'bf16', the BF16 reference") as err:
         _evaluate(embedded, per_batch, {"bf16": contextlib.nullcontext})
     assert "\n" not in str(err.value)
+
+
+@contextlib.contextmanager
+def nan_norm(loaded):
+    """The final norm's weight NaN: every logit of the model is NaN inside the context."""
+    w = loaded.model.get_submodule("model.language_model.norm").weight
+    old = w.detach().clone()
+    with torch.no_grad():
+        w.fill_(float("nan"))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            w.copy_(old)
+
+
+def test_non_finite_logits_are_one_error_line_not_nan_metrics(embedded):
+    samples, per_batch = _eval_set(embedded, 8)
+    with pytest.raises(FP8MixError, match="broken.*non-finite logits") as err:
+        _evaluate(embedded, per_batch, {"broken": lambda: nan_norm(embedded)})
+    assert "\n" not in str(err.value)

@@ -12,7 +12,8 @@ Position t of a sequence predicts token t+1. Two sets of positions are counted, 
   and is text. This is what a served model generates.
 
 KL is KL(p_BF16 ‖ p_scheme) in nats per position, from the full distributions. Perplexity is over the labelled
-tokens. Every average must have a counted position: an empty set is an error, never a silent 0 or 1.
+tokens. Every average must have a counted position: an empty set is an error, never a silent 0 or 1; so is a
+non-finite logit at a counted position, never a NaN figure.
 
 A served model gives only its top-k log-probabilities (and the prompt token's own), so KL as served is measured
 coarse-grained (`coarse_kl`): over S = the tokens in both models' top-k plus the position's actual token, and one
@@ -121,6 +122,15 @@ def outputs(model, batch: dict, placeholders: list[int], keep_on=None) -> Output
     targets = batch["input_ids"][:, 1:].to(logits.device)[text]
     return Outputs(logits[text].to(keep_on or logits.device), targets.to(keep_on or logits.device), reply[text],
                    float(nll), int(labelled.sum()))
+
+
+def finite(out: Outputs, who: str) -> Outputs:
+    """`out`, once every logit at its positions is finite (a NaN or inf would make every average NaN)."""
+    bad = int((~torch.isfinite(out.logits.sum(-1, dtype=torch.float32))).sum())
+    if bad:
+        raise FP8MixError(f"{who} gives non-finite logits at {bad} of {out.logits.shape[0]} text positions of the "
+                          "evaluation set: no KL, agreement or perplexity can be averaged over them")
+    return out
 
 
 @dataclass
@@ -237,7 +247,7 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
                 for batch, _samples, ref in chunk:
                     next(steps)
                     with ph("forward"):
-                        got = outputs(model, batch, placeholders)
+                        got = finite(outputs(model, batch, placeholders), f"scheme {name!r}")
                     with ph("compare"):
                         tallies[name].add(ref, got)
                 with ph("generate"):
@@ -258,7 +268,7 @@ def evaluate(model, processor, batch_samples: list[list[ChatSample]], make_batch
             held = held_on_gpu = 0
         keep_on = reference_device(head.device, held_on_gpu, size)
         with phases[REFERENCE]("forward"):
-            ref = outputs(model, batch, placeholders, keep_on=keep_on)
+            ref = finite(outputs(model, batch, placeholders, keep_on=keep_on), "the BF16 model")
         tallies[REFERENCE].add_reference(ref)
         chunk.append((batch, samples, ref))
         held += size
