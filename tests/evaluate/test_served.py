@@ -124,3 +124,15 @@ def test_a_served_output_without_its_reply_or_reference_logprobs_is_an_error(emb
     for got, ref in ((no_reply, full), (full, no_logprobs)):
         with pytest.raises(FP8MixError, match="lack sample 0"):
             served_tally(got, ref, samples, proc, placeholders, "scheme")
+
+
+def test_nan_served_log_probabilities_are_an_error(embedded):
+    proc, placeholders = embedded.processor, placeholder_ids(embedded.model.config)
+    samples = sources.held_out("embedded", 1)
+    ids = encode(proc, samples)["input_ids"][0].tolist()
+    plp = [None] + [{"logprob": -1.0, "rank": 1, "top": [[t, -1.0]]} for t in ids[1:]]
+    nan = [None] + [{"logprob": float("nan"), "rank": 1, "top": [[t, float("nan")]]} for t in ids[1:]]
+    ref = {"eval/0/conversation": {"prompt_token_ids": ids, "prompt_logprobs": plp}, "eval/0/reply": {"text": ""}}
+    got = {"eval/0/conversation": {"prompt_token_ids": ids, "prompt_logprobs": nan}, "eval/0/reply": {"text": ""}}
+    with pytest.raises(FP8MixError, match="NaN log-probabilities for scheme"):
+        served_tally(got, ref, samples, proc, placeholders, "scheme")

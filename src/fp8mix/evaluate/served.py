@@ -81,6 +81,9 @@ def served_tally(outputs: dict, reference: dict, samples: list[ChatSample], proc
             tally.agree.append(torch.tensor(agree, dtype=torch.bool))
         labelled = (labels != -100).nonzero().flatten().tolist()
         nll = -sum(got["prompt_logprobs"][t + 1]["logprob"] for t in labelled)
+        if nll != nll or any(v != v for a, b in pairs for v in (*a, *b)):
+            raise FP8MixError(f"vLLM served NaN log-probabilities for {who} (or bf16) on evaluation sample {i}: "
+                              "no KL, agreement or perplexity can be averaged over them")
         tally.count(reply[text], nll, len(labelled))
         tally.replies.append(outputs[f"eval/{i}/reply"]["text"].strip())
     return tally
