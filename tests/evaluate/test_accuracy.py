@@ -61,3 +61,31 @@ def test_an_answer_with_no_words_is_not_scored():
     assert got["n_answers"] == 1 and got["answer_accuracy"] == 0.0 and got["answer_exact_match"] == 0.0
     none = accuracy_of([""], [_sample("")])
     assert none["n_answers"] == 0 and none["answer_accuracy"] != none["answer_accuracy"]
+
+
+def test_replies_are_plain_greedy_whatever_the_models_generation_settings(embedded):
+    """A released checkpoint's generation_config.json may set e.g. repetition_penalty (Qwen2.5-VL-Instruct's
+    says 1.05), which transformers applies to every call that leaves it unset and vLLM's greedy SamplingParams do
+    not: the eval's replies must be the argmax path either way."""
+    import torch
+
+    from fp8mix.data import sources
+    from fp8mix.evaluate.accuracy import generate, prompt_batches
+
+    model, proc = embedded.model, embedded.processor
+    batches = prompt_batches(proc, sources.embedded("eval", 6), "cpu")
+    plain = generate(model, proc, batches)
+    kept = model.generation_config
+    settings = model.generation_config.to_dict()
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.no_repeat_ngram_size = 2
+    try:
+        with torch.no_grad():  # the settings do change what transformers generates when left in force
+            out = model.generate(**batches[0], max_new_tokens=32, do_sample=False)
+        penalised = [t.strip() for t in proc.batch_decode(out[:, batches[0]["input_ids"].shape[1]:],
+                                                          skip_special_tokens=True)]
+        assert penalised != plain
+        assert generate(model, proc, batches) == plain
+        assert model.generation_config is kept  # put back
+    finally:
+        model.generation_config = type(kept).from_dict(settings)

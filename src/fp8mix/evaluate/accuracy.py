@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from contextlib import contextmanager
 
 import torch
+from transformers import GenerationConfig
 
 from ..data.samples import ChatSample, encode
 
@@ -56,13 +58,30 @@ def prompt_batches(processor, samples: list[ChatSample], device, batch_size: int
     return [{n: t.to(device) for n, t in encode(processor, g, for_generation=True).items()} for g in groups if g]
 
 
+@contextmanager
+def plain_greedy(model):
+    """The model's generation config reduced to its special token ids while inside: transformers fills every
+    setting a call leaves unset from the model's generation_config.json, and a released checkpoint's may carry
+    e.g. repetition_penalty 1.05, which vLLM's explicit greedy SamplingParams do not apply. Both engines then pick
+    the argmax token and stop at the same end-of-sequence ids."""
+    kept = model.generation_config
+    ids = {k: getattr(kept, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        yield
+    finally:
+        model.generation_config = kept
+
+
 @torch.no_grad()
 def generate(model, processor, batches: list[dict], max_new_tokens: int = REPLY_TOKENS) -> list[str]:
-    """`model`'s greedy replies to the prompt batches (`prompt_batches`), stripped, in order."""
+    """`model`'s greedy replies to the prompt batches (`prompt_batches`), stripped, in order: the argmax token
+    at every step, nothing from the model's own generation settings (`plain_greedy`)."""
     out_texts = []
-    for enc in batches:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        out_texts += processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    with plain_greedy(model):
+        for enc in batches:
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            out_texts += processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return [t.strip() for t in out_texts]
 
 
