@@ -105,6 +105,7 @@ def test_plans_never_split_fused_groups_and_ignore_is_vllm_safe(skeleton):
     ("version: 1\nalways_bf16: [lm_head]\nschemes: {a: {rule: {blocks_fraction: 0.5}, rationale: x}}", "missing"),
     ("version: 1\nschemes: {a: {rule: {blocks_fraction: 0.5}, rationale: x}\n", "not valid YAML"),
     ("version: 1\nschemes: {a: {rule: {effective_bits: 6}, rationale: x}}", "greater than or equal to 8"),
+    ("version: 1\nschemes: {BF16: {rule: {blocks_fraction: 0.5}, rationale: x}}", "BF16 source's name"),
 ])
 def test_bad_catalogs_get_one_clear_error(tmp_path, text, message):
     f = tmp_path / "cat.yaml"

@@ -83,6 +83,9 @@ class Catalog(BaseModel):
         for name in self.schemes:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"scheme name {name!r}: use letters, digits, '_' and '-' (it names files)")
+            if name.casefold() == "bf16":  # eval, check and bench call the BF16 source so; files named so too
+                raise ValueError(f"scheme name {name!r} is the BF16 source's name in eval, check and bench; "
+                                 "choose another")
         return self
 
     def settings(self, name: str, **overrides) -> AutoQuantSettings:
