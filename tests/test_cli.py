@@ -60,3 +60,14 @@ def test_schemes_for_a_shipped_family_config_needs_no_network():
                                                                           "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     assert "20/80 blocks" in r.stdout and "40/80 blocks" in r.stdout and "80/80 blocks" in r.stdout
+
+
+def test_an_already_quantized_model_is_refused_as_a_source(tmp_path):
+    from fp8mix.export import export_checkpoint
+    from uniform_plans import uniform_plan
+
+    ckpt = export_checkpoint(None, uniform_plan(None), tmp_path / "full")  # a real compressed-tensors FP8 export
+    for cmd in (("info", "--model", str(ckpt)), ("score", "--model", str(ckpt), "--out", str(tmp_path / "run"))):
+        line = one_line_error(fp8mix(*cmd))
+        assert "already quantized" in line and "compressed-tensors" in line, line
+    assert not (tmp_path / "run" / "sensitivity.json").exists()

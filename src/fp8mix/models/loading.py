@@ -72,9 +72,15 @@ def read_config(path: Path) -> dict:
     if not cfg_file.is_file():
         raise FP8MixError(f"{path} has no config.json; pass a Hugging Face model folder")
     try:
-        return json.loads(cfg_file.read_text())
+        cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise FP8MixError(f"{cfg_file} is not valid JSON (line {exc.lineno}): the checkpoint is corrupt") from None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if qc:  # scores, plans and exports of an already-quantized model would describe its rounding, not FP8's
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise FP8MixError(f"{path} is already quantized (quantization_config, quant_method {method}): fp8mix "
+                          "starts from the unquantized model (BF16, FP16 or FP32); pass that instead")
+    return cfg
 
 
 def architecture(cfg: dict) -> str:
