@@ -161,3 +161,34 @@ def test_served_outputs_of_another_checkpoint_are_not_reused(check_run, live_che
         mp.setattr(live_mod.Runner, "serve", engine)
         with pytest.raises(AssertionError, match=f"an engine was started for {name}"):
             stage_eval(type(check_run)(**{**check_run.__dict__, "run": run}), N_EVAL, "vllm")
+
+
+def test_outputs_served_by_another_vllm_are_served_again(check_run, live_checked, tmp_path):
+    """The check's served outputs are reused only when they came from this vLLM and this runner: a document that
+    records another vLLM version (or no runner digest, as older runs wrote) is served again, the rest are not."""
+    import json
+    import shutil
+
+    from fp8mix.check.live import SERVED_DIR
+    from fp8mix.evaluate.stage import stage_eval
+
+    run = shutil.copytree(check_run.run, tmp_path / "run")
+    stale = run / SERVED_DIR / "fp8_autoquant_top25.json"
+    doc = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**doc, "vllm_version": "0.0.1"}))
+    old = run / SERVED_DIR / "fp8_autoquant_top50.json"
+    doc = json.loads(old.read_text())
+    doc.pop("runner")
+    old.write_text(json.dumps(doc))
+    served = []
+
+    def record(self, folder, *args, **kwargs):
+        served.append(folder.name)
+        return {"ok": False, "errors": ["not served in this test"]}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(live_mod.Runner, "serve", record)
+        doc = stage_eval(type(check_run)(**{**check_run.__dict__, "run": run}), N_EVAL, "vllm")
+    assert sorted(served) == ["fp8_autoquant_top25", "fp8_autoquant_top50"]
+    rows = {r["scheme"]: r for r in doc["rows"]}
+    assert not rows["fp8_autoquant_top25"]["served"] and rows["fp8_autoquant_full"]["served"]

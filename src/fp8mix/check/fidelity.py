@@ -87,7 +87,8 @@ def bf16_reference(run: Path, source: Path, fingerprint: str, engine: dict, extr
         if doc.get("key") == key:
             return doc
     res = (runner.serve if runner is not None else serve)(source, requests, engine=engine)
-    doc = {"key": key, "extra_key": extra.key() if extra is not None else None, "model": str(source),
+    doc = {"key": key, "runner": runner_digest(), "extra_key": extra.key() if extra is not None else None,
+           "model": str(source),
            "model_key": fingerprint,
            "ok": bool(res.get("ok")), "errors": res.get("errors", []),
            "reason": res.get("reason"), "vllm_version": res.get("vllm_version"),

@@ -284,8 +284,15 @@ def folder_key(folder: Path) -> str:
 
 
 def write_served(run: Path, name: str, doc: dict) -> None:
-    """Keep what vLLM served for `name` ("bf16" for the source): checks/served/<name>.json."""
-    write_json(run / SERVED_DIR / f"{name}.json", "served", doc)
+    """Keep what vLLM served for `name` ("bf16" for the source): checks/served/<name>.json, stamped with the
+    runner's digest (`served_is_current`)."""
+    write_json(run / SERVED_DIR / f"{name}.json", "served", {**doc, "runner": runner_digest()})
+
+
+def served_is_current(doc: dict, version: str | None) -> bool:
+    """Whether a served document came from this runner and vLLM `version` (`vllm_version`): outputs of another
+    vLLM or runner are served again, not compared with new ones."""
+    return doc.get("runner") == runner_digest() and version is not None and doc.get("vllm_version") == version
 
 
 def read_served(run: Path, name: str) -> dict | None:

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 
 from .. import manifest
 from ..data.sources import EVAL_SEED
-from ..check.live import CPU_FORMATS, Runner, engine_settings, folder_key, read_served, vllm_python, write_served
+from ..check.live import (CPU_FORMATS, Runner, engine_settings, folder_key, read_served, served_is_current,
+                          vllm_python, vllm_version, write_served)
 from ..distributed import release_gpu_cache
 from ..errors import FP8MixError
 from ..context import RunOptions, catalog_of, progress, model_arg
@@ -81,6 +82,7 @@ def _served(opts: RunOptions, source, es, processor, config, plans: dict, names:
     key = requests.key()
     engine = engine_settings(es.max_length)
     on_gpu = not opts.device.startswith("cpu")
+    version = vllm_version(vllm_python())
     docs, rows = {}, {}
     with Runner() as runner:
         for name in progress([REFERENCE, *names], "serving the evaluation set in vLLM"):
@@ -91,7 +93,8 @@ def _served(opts: RunOptions, source, es, processor, config, plans: dict, names:
             folder = source if name == REFERENCE else opts.run / "checkpoints" / name
             model_key = folder_key(folder)
             doc = read_served(opts.run, name)
-            if not doc or (doc.get("extra_key"), doc.get("model_key")) != (key, model_key) or not doc.get("outputs"):
+            if (not doc or (doc.get("extra_key"), doc.get("model_key")) != (key, model_key) or not doc.get("outputs")
+                    or not served_is_current(doc, version)):
                 res = runner.serve(folder, requests, engine=engine)
                 if not res.get("outputs") or not res.get("ok"):
                     why = "; ".join(res.get("errors") or [res.get("reason") or "unknown"])[:300]
