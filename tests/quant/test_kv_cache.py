@@ -73,14 +73,15 @@ def test_calibration_is_the_post_rope_cache_amax_and_hooks_leave_no_trace(embedd
     mods = attention_modules(embedded.layout)
     assert len(mods) == embedded.layout.n_blocks
     scales = calibrate_kv_scales(model, mods, batches)
-    # reference: the keys (post-RoPE) and values transformers itself caches
+    # reference: the keys (post-RoPE) and values transformers itself caches, padding left out
     amax = [[0.0, 0.0] for _ in mods]
     for b in batches:
         cache = DynamicCache(config=model.config)
         model(**model_inputs(b), use_cache=True, past_key_values=cache)
+        real = b["attention_mask"].bool()                                # the tokens, not the padding
         for i, layer in enumerate(cache.layers):
-            amax[i][0] = max(amax[i][0], float(layer.keys.abs().amax()))
-            amax[i][1] = max(amax[i][1], float(layer.values.abs().amax()))
+            amax[i][0] = max(amax[i][0], float(layer.keys.abs().amax(dim=(1, 3))[real].max()))
+            amax[i][1] = max(amax[i][1], float(layer.values.abs().amax(dim=(1, 3))[real].max()))
     for i, m in enumerate(mods):
         assert float(scales[m][0]) * 448 == pytest.approx(amax[i][0], rel=1e-6)
         assert float(scales[m][1]) * 448 == pytest.approx(amax[i][1], rel=1e-6)
@@ -117,3 +118,56 @@ def test_quantized_attention_is_attention_over_reference_quantized_keys_and_valu
         got = model(**inputs, use_cache=False).logits
     assert torch.equal(got, want)
     assert not torch.equal(got, model(**inputs, use_cache=False).logits)
+
+
+def _right_padded(batch: dict, ids: torch.Tensor) -> dict:
+    """``batch`` with ``ids`` appended as right padding: attention mask 0, no image, no label."""
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], ids], 1)
+    for k, fill in (("attention_mask", 0), ("mm_token_type_ids", 0), ("labels", -100)):
+        if k in batch:
+            out[k] = torch.cat([batch[k], torch.full(ids.shape, fill, dtype=batch[k].dtype)], 1)
+    return out
+
+
+@torch.no_grad()
+def test_calibration_counts_only_the_tokens_vllm_caches_not_padding(embedded):
+    """vLLM's cache holds a request's own tokens only: whatever sits at padded positions leaves the scales as they
+    are without the padding."""
+    from fp8mix.score.batches import calibration_batches
+    from fp8mix.score.settings import AutoQuantSettings
+
+    model = embedded.model
+    mods = attention_modules(embedded.layout)
+    batches, _, _ = calibration_batches(embedded.processor, AutoQuantSettings(calib_samples=2, batch_size=2))
+    batch = batches[0]
+    want = calibrate_kv_scales(model, mods, [batch])
+    ids = torch.randint(0, 5000, (batch["input_ids"].shape[0], 64), generator=torch.Generator().manual_seed(0))
+    got = calibrate_kv_scales(model, mods, [_right_padded(batch, ids)])
+    for m in mods:
+        assert torch.equal(got[m][0], want[m][0]) and torch.equal(got[m][1], want[m][1]), m
+
+
+@torch.no_grad()
+def test_calibration_without_tokens_or_with_zero_or_nan_amax_stops(embedded):
+    from fp8mix.score.batches import calibration_batches
+    from fp8mix.score.settings import AutoQuantSettings
+
+    model = embedded.model
+    mods = attention_modules(embedded.layout)
+    batches, _, _ = calibration_batches(embedded.processor, AutoQuantSettings(calib_samples=2, batch_size=2))
+    with pytest.raises(FP8MixError, match="no calibration"):
+        calibrate_kv_scales(model, mods, [])
+    v = model.get_submodule(mods[1] + ".v_proj")
+    saved = (v.weight.detach().clone(), v.bias.detach().clone())
+    try:
+        v.weight.zero_()
+        v.bias.zero_()
+        with pytest.raises(FP8MixError, match=f"v_scale of {mods[1]}.*0"):
+            calibrate_kv_scales(model, mods, batches)
+        v.weight[0, 0] = float("nan")
+        with pytest.raises(FP8MixError, match=f"v_scale of {mods[1]}.*nan"):
+            calibrate_kv_scales(model, mods, batches)
+    finally:
+        v.weight.copy_(saved[0])
+        v.bias.copy_(saved[1])

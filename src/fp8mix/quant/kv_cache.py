@@ -96,19 +96,37 @@ def kv_cache_quantized(model: nn.Module, scales: KVScales) -> Iterator[None]:
 @torch.no_grad()
 def calibrate_kv_scales(model: nn.Module, modules: list[str], batches: list[dict],
                         progress: Progress = no_progress) -> KVScales:
-    """Per attention module: (k_scale, v_scale) = absmax / 448 of its post-RoPE keys and of its values over every
-    calibration token (padding included, as for fp8_static input scales), float32 [1] each."""
+    """Per attention module: (k_scale, v_scale) = absmax / 448 of its post-RoPE keys and of its values over the
+    calibration tokens vLLM would cache (padding, where the batch's attention_mask is 0, left out), float32 [1]
+    each. No batch, or an absmax that is zero or not finite, stops with one line naming the layer."""
+    if not batches:
+        raise FP8MixError("no calibration batches for the FP8 KV-cache scales")
     amax = {n: [torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)] for n in modules}
+    mask: list = [None]   # the current batch's attention_mask [B, S]
+
+    def tokens_amax(x: torch.Tensor) -> torch.Tensor:
+        a = x.detach().abs().float().amax(dim=(1, 3))   # (batch, kv heads, seq, head dim) -> [B, S]
+        m = mask[0]
+        if m is not None and tuple(m.shape) == tuple(a.shape):
+            a = torch.where(m.to(a.device).bool(), a, torch.zeros((), dtype=a.dtype, device=a.device))
+        return a.amax()
 
     def hook_of(name: str) -> KVHook:
         def hook(key, value):
             a = amax[name]
-            a[0] = torch.maximum(a[0].to(key.device), key.detach().abs().amax().float())
-            a[1] = torch.maximum(a[1].to(value.device), value.detach().abs().amax().float())
+            a[0] = torch.maximum(a[0].to(key.device), tokens_amax(key))
+            a[1] = torch.maximum(a[1].to(value.device), tokens_amax(value))
             return key, value
         return hook
 
     with attention_hooked(model, {n: hook_of(n) for n in modules}):
         for batch in progress(batches, "calibrating FP8 KV-cache scales"):
+            mask[0] = batch.get("attention_mask")
             model(**model_inputs(batch), use_cache=False)
+    for n, pair in amax.items():
+        for kind, a in zip(("k_scale", "v_scale"), pair):
+            if not (bool(torch.isfinite(a)) and float(a) > 0.0):
+                raise FP8MixError(f"the {kind} of {n} would come from a calibrated absmax of {float(a)}; a KV-cache "
+                                  "scale needs a finite, positive absmax (check the model's weights and the "
+                                  "calibration data)")
     return {n: (kv_cache_scale(k.cpu()), kv_cache_scale(v.cpu())) for n, (k, v) in amax.items()}
