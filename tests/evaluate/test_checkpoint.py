@@ -31,3 +31,28 @@ def test_scheme_swaps_in_and_back(embedded, tmp_path):
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not any(isinstance(m, FP8Linear) for m in model.modules())
+
+
+def test_kv_cache_checkpoint_missing_a_layers_scales_is_an_error(embedded, tmp_path):
+    """vLLM runs every LM attention layer of a kv_cache_scheme checkpoint with an fp8 cache, a layer without stored
+    scales at 1.0; emulating that layer without quantization would measure another model."""
+    import pytest
+
+    from fp8mix.errors import FP8MixError
+    from fp8mix.export import export_checkpoint
+    from fp8mix.quant.kv_cache import attention_modules
+
+    plan = uniform_plan(None, "fp8_autoquant_full_kv")
+    mods = attention_modules(embedded.layout)
+    kv = {m: (torch.tensor([0.02]), torch.tensor([0.01])) for m in mods}
+    ckpt = export_checkpoint(None, plan, tmp_path / "full_kv", kv_scales=kv)
+    with scheme_applied(embedded.model, ckpt, embedded.adapter):
+        pass
+    f = ckpt / "model.safetensors"
+    tensors = load_file(f)
+    base = embedded.adapter.to_disk(mods[1])
+    del tensors[base + ".k_scale"], tensors[base + ".v_scale"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(FP8MixError, match=f"{mods[1]} has no k_scale"):
+        with scheme_applied(embedded.model, ckpt, embedded.adapter):
+            pass

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import FP8MixError
 from ..models import FamilyAdapter
-from ..quant.kv_cache import kv_cache_quantized
+from ..quant.kv_cache import attention_modules, kv_cache_quantized
 from ..quant.numerics import FP8_DTYPE, FP8Format, FP8Linear
 
 SCALE_SUFFIXES = (".weight_scale", ".input_scale")
@@ -47,6 +47,7 @@ def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter, chang
     if not files:
         raise FP8MixError(f"{folder} has no *.safetensors: export the scheme first (fp8mix export)")
     params = dict(model.named_parameters())
+    attention = attention_modules(adapter.layout(model))   # before any Linear is swapped
     swapped: dict[str, nn.Module] = {}
     overwritten: dict[str, torch.Tensor] = {}
     kv: dict[str, dict[str, torch.Tensor]] = {}   # attention module -> {"k_scale", "v_scale"}
@@ -92,7 +93,7 @@ def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter, chang
         if changed is not None:
             changed += [*swapped, *overwritten]
         with ExitStack() as stack:
-            scales = _kv_scales(folder, kv)
+            scales = _kv_scales(folder, kv, attention)
             if scales:
                 stack.enter_context(kv_cache_quantized(model, scales))
             yield sorted(swapped)
@@ -105,9 +106,11 @@ def scheme_applied(model: nn.Module, folder: Path, adapter: FamilyAdapter, chang
                 params[name].copy_(old)
 
 
-def _kv_scales(folder: Path, kv: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _kv_scales(folder: Path, kv: dict[str, dict[str, torch.Tensor]], attention: list[str]
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The checkpoint's KV-cache scales by attention module; none unless config.json declares a kv_cache_scheme
-    (vLLM then runs an fp8 cache by default), which then needs both scales of every layer that has any."""
+    (vLLM then runs an fp8 cache in every LM attention layer, at scale 1.0 where a layer has none stored), which
+    then needs both scales of every layer in ``attention`` and no others."""
     qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
     declared = qc.get("kv_cache_scheme") is not None
     if not declared:
@@ -121,6 +124,13 @@ def _kv_scales(folder: Path, kv: dict[str, dict[str, torch.Tensor]]) -> dict[str
     half = sorted(m for m, d in kv.items() if set(d) != {"k_scale", "v_scale"})
     if half:
         raise FP8MixError(f"{folder}: {half[0]} has only one of k_scale and v_scale")
+    missing = [m for m in attention if m not in kv]
+    if missing:
+        raise FP8MixError(f"{folder}: {missing[0]} has no k_scale/v_scale ({len(missing)} of {len(attention)} "
+                          "attention layers), which vLLM would run with scale 1.0; re-export the scheme")
+    other = sorted(set(kv) - set(attention))
+    if other:
+        raise FP8MixError(f"{folder}: k_scale/v_scale for {other[0]}, which is no LM attention layer")
     return {m: (d["k_scale"], d["v_scale"]) for m, d in sorted(kv.items())}
 
 
