@@ -130,3 +130,25 @@ def test_default_data_follows_the_model(tmp_path):
     assert overrides(RunOptions(run=tmp_path, model=str(tmp_path)))["data"] == "real"
     chosen = RunOptions(run=tmp_path, model=str(tmp_path), score_overrides={"data": "embedded"})
     assert overrides(chosen)["data"] == "embedded"
+
+
+def test_transparent_image_gets_transformers_pixels(tmp_path):
+    """An RGBA image file reaches the model with the pixels transformers' own processor gives it (transparency on
+    white), not those of a plain convert("RGB") (the colour under transparent pixels)."""
+    import numpy as np
+
+    from fp8mix.data.samples import ChatSample, encode
+    from fp8mix.models.loading import EMBEDDED
+    from fp8mix.models.processor import load_processor
+    from transformers_path import official_inputs
+
+    arr = np.zeros((56, 56, 4), np.uint8)
+    arr[:28] = (200, 10, 10, 255)  # the lower half transparent black
+    Image.fromarray(arr, "RGBA").save(tmp_path / "t.png")
+    row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "a"}]}], "images": ["t.png"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    sample = sources.jsonl(tmp_path / "d.jsonl")[0]
+    proc = load_processor(EMBEDDED)
+    ref = official_inputs(proc, ChatSample(sample.messages, [Image.open(tmp_path / "t.png")]), for_generation=False)
+    assert encode(proc, [sample])["pixel_values"].equal(ref["pixel_values"])

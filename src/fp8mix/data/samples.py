@@ -48,6 +48,15 @@ class ChatSample:
         return h.hexdigest()
 
 
+def rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB as transformers' image processors and vLLM convert it: transparency composited onto white
+    (a plain convert("RGB") keeps the colour under transparent pixels, often black)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def user_turn(text: str, n_images: int = 0) -> dict:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 

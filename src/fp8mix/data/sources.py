@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import FP8MixError
 from . import real, shapes
-from .samples import ChatSample, assistant_turn, user_turn
+from .samples import ChatSample, assistant_turn, rgb, user_turn
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 EMBEDDED = "embedded"
@@ -59,7 +59,7 @@ def _open_image(path: Path, where: str) -> Image.Image:
         raise FP8MixError(f"{where}: image {path} not found")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return rgb(img)
     except (UnidentifiedImageError, OSError) as exc:
         raise FP8MixError(f"{where}: cannot read image {path} ({type(exc).__name__})") from None
 
@@ -151,12 +151,12 @@ def hf_dataset(name: str, split: str = "train", limit: int | None = None) -> lis
         if limit is not None and i >= limit:
             break
         if "messages" in row:
-            imgs = [im.convert("RGB") for im in (row.get("images") or [])]
+            imgs = [rgb(im) for im in (row.get("images") or [])]
             out.append(ChatSample(row["messages"], imgs, _last_answer(row["messages"]), f"hf:{name}"))
         elif "image" in row and ("caption" in row or "text" in row):
             cap = row.get("caption") or row.get("text")
             out.append(ChatSample([user_turn("Describe this image.", 1), assistant_turn(cap)],
-                                  [row["image"].convert("RGB")], cap, f"hf:{name}"))
+                                  [rgb(row["image"])], cap, f"hf:{name}"))
         else:
             raise FP8MixError(f"dataset {name} has neither messages+images nor image+caption columns")
     return out
