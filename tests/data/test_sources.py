@@ -57,6 +57,12 @@ def test_jsonl_roundtrip_and_split(tmp_path):
      "d.jsonl:2: 1 image item"),
     ('{"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": ["bad.png"]}',
      "d.jsonl:2: cannot read image .*bad.png"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": [3]}',
+     "d.jsonl:2: 'images' must be a list of image file paths"),
+    ('{"messages": [{"role": "user", "content": 5}]}', "d.jsonl:2: a message's content must be a string or a list"),
+    ('{"messages": [{"role": "user", "content": ["hi"]}]}', "d.jsonl:2: a message's content must be"),
+    ('{"messages": [{"role": "user", "content": [{"text": "hi"}]}]}', "d.jsonl:2: a message's content must be"),
+    ('{"messages": [{"role": "assistant", "content": null}]}', "d.jsonl:2: a message's content must be"),
 ])
 def test_jsonl_bad_lines_name_file_and_line(tmp_path, line, message):
     (tmp_path / "bad.png").write_bytes(b"not an image")
@@ -152,3 +158,18 @@ def test_transparent_image_gets_transformers_pixels(tmp_path):
     proc = load_processor(EMBEDDED)
     ref = official_inputs(proc, ChatSample(sample.messages, [Image.open(tmp_path / "t.png")]), for_generation=False)
     assert encode(proc, [sample])["pixel_values"].equal(ref["pixel_values"])
+
+
+def test_an_image_too_long_for_the_processor_is_one_clear_error(tmp_path):
+    """An image more than 200 times as long as it is wide (the Qwen image processors refuse it) stops with one line
+    naming its source, not the processor's ValueError."""
+    from fp8mix.data.samples import fit_samples
+    from fp8mix.models.loading import EMBEDDED
+    from fp8mix.models.processor import load_processor
+
+    Image.new("RGB", (2100, 10), "red").save(tmp_path / "wide.png")
+    row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                        {"role": "assistant", "content": "a"}], "images": ["wide.png"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(FP8MixError, match="jsonl:d.jsonl is 2100x10 pixels: more than 200 times"):
+        fit_samples(load_processor(EMBEDDED), sources.jsonl(tmp_path / "d.jsonl"))

@@ -72,6 +72,7 @@ END_OF_TURN = "<|im_end|>"
 # (12.8 M pixels, ~16 k tokens) would not fit any scoring batch.
 DEFAULT_MAX_PIXELS = 512 * 28 * 28
 DEFAULT_MAX_LENGTH = 1024
+MAX_ASPECT = 200  # the Qwen image processors' limit on an image's long side over its short side
 
 
 def _assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -170,6 +171,11 @@ def fit_and_measure(processor, samples: list[ChatSample], max_pixels: int | None
     for s in samples:
         if max_pixels is not None and s.images:
             s = ChatSample(s.messages, [fit_image(im, max_pixels) for im in s.images], s.answer, s.source)
+        for im in s.images:
+            if max(im.size) > MAX_ASPECT * min(im.size):
+                raise FP8MixError(f"an image of {s.source} is {im.size[0]}x{im.size[1]} pixels: more than "
+                                  f"{MAX_ASPECT} times as long as it is wide, which the model's image processor "
+                                  "refuses; crop it or leave the sample out")
         n = None
         if max_length is not None:
             enc = processor(text=[_render(processor, s, False)], images=s.images or None, return_tensors="pt")

@@ -84,6 +84,13 @@ def _check_messages(messages, where: str) -> None:
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
             raise FP8MixError(f"{where}: each message needs a role (system, user or assistant) and a content")
+        content = m["content"]
+        if not isinstance(content, str) and not (isinstance(content, list) and all(
+                isinstance(c, dict) and (c.get("type") == "image" or (c.get("type") == "text" and
+                                                                      isinstance(c.get("text"), str)))
+                for c in content)):
+            raise FP8MixError(f"{where}: a message's content must be a string or a list of "
+                              '{"type": "text", "text": "..."} and {"type": "image"} items')
 
 
 def jsonl(path: Path) -> list[ChatSample]:
@@ -104,6 +111,8 @@ def jsonl(path: Path) -> list[ChatSample]:
             raise FP8MixError(f"{where}: missing 'messages'; expected " '{"messages": [...], "images": [...]}')
         messages, paths = row["messages"], row.get("images", [])
         _check_messages(messages, where)
+        if isinstance(paths, list) and not all(isinstance(p, str) for p in paths):
+            raise FP8MixError(f"{where}: 'images' must be a list of image file paths")
         if not isinstance(paths, list) or _count_images(messages) != len(paths):
             raise FP8MixError(f"{where}: {_count_images(messages)} image item(s) in messages but "
                               f"{len(paths) if isinstance(paths, list) else 'no list of'} image path(s)")
