@@ -84,3 +84,29 @@ def test_runner_serves_an_fp8_kv_checkpoint_in_vllm(embedded, tmp_path, monkeypa
     assert row["workloads"]["long"]["output_tokens"] == 2 * 5   # decode timed apart: the first token is the prefill's
     assert img["prompt_tokens"] > 2 * 16            # the image tokens count as prompt tokens
     assert read_json(out, "bench")["rows"][0]["workloads"]["decode"]["median"] == dec["median"]
+
+
+def test_a_runner_past_its_timeout_ends_with_every_process_it_started(tmp_path):
+    """vLLM serves from processes of its own (the engine core, its workers), which outlive a killed front end and
+    keep the GPU: a timeout ends the runner's whole process group, so the next model starts on a clean GPU."""
+    import os
+    import time
+
+    from fp8mix.bench.stage import serve_one
+
+    pid_file = tmp_path / "child.pid"
+    py = tmp_path / "fake_python"
+    py.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {pid_file}\nsleep 300\n")
+    py.chmod(0o755)
+    result, _ = serve_one(str(py), "m", tmp_path / "m", {}, {}, 3, tmp_path / "work", timeout=2)
+    assert result == {"ok": False, "error": "vLLM did not finish within 2 s"}
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the runner's child process outlived the timeout")

@@ -20,7 +20,9 @@ bench.json (``fp8mix/bench/v1``, written atomically)::
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import statistics
 import subprocess
 import time
@@ -102,15 +104,26 @@ def serve_one(py: str, label: str, model: Path, engine: dict, workloads: dict, r
     spec_path.write_text(json.dumps(spec, indent=1))
     out = Path(spec["out"])
     out.unlink(missing_ok=True)
+    # a session of its own: vLLM's engine core and workers are processes of their own that outlive a killed
+    # runner and keep the GPU, so the whole group ends with the runner (or its timeout)
+    proc = subprocess.Popen([py, str(RUNNER), str(spec_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    late = False
     try:
-        proc = subprocess.run([py, str(RUNNER), str(spec_path)], capture_output=True, text=True, timeout=timeout)
-        log = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        log = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
-                      for x in (exc.stdout or "", exc.stderr or ""))
-        (work / f"{label}.log").write_text(log)
-        return {"ok": False, "error": f"vLLM did not finish within {timeout} s"}, log
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        late = proc.poll() is None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if not proc.stdout.closed:   # after a timeout: what it wrote until then
+        stdout, stderr = proc.communicate()
+    log = stdout + stderr
     (work / f"{label}.log").write_text(log)
+    if late:
+        return {"ok": False, "error": f"vLLM did not finish within {timeout} s"}, log
     if not out.is_file():
         tail = " | ".join(log.strip().splitlines()[-3:])
         return {"ok": False, "error": f"the runner exited {proc.returncode}: {tail}"[:2000]}, log

@@ -11,7 +11,7 @@ from ..context import RunOptions, catalog_of, overrides
 from ..data import sources
 from ..data.samples import ChatSample
 from ..errors import FP8MixError
-from ..score.batches import calibration_samples, fitted
+from ..score.batches import fitted
 
 
 @dataclass
@@ -33,7 +33,9 @@ def eval_set(opts: RunOptions, n_eval: int, processor) -> EvalSet:
     data = base.data
     samples = sources.held_out(data, n_eval)
     distinct = {st.model_dump_json(): st for st in (catalog.settings(name, **over) for name in catalog.schemes)}
-    calib = {s.fingerprint() for st in distinct.values() for s in calibration_samples(st)}  # once per setting
+    # once per setting; a text-only setting's samples as drawn, with the images it calibrates without
+    calib = {s.fingerprint() for st in distinct.values() for s in sources.load(st.data, "calib", st.calib_samples,
+                                                                              st.seed)}
     if calib & {s.fingerprint() for s in samples}:
         raise FP8MixError("the evaluation set shares samples with the calibration set; pass other --data")
     kept, dropped = fitted(processor, samples, base.max_pixels, base.max_length, "evaluation")
