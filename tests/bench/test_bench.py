@@ -110,3 +110,11 @@ def test_a_runner_past_its_timeout_ends_with_every_process_it_started(tmp_path):
     else:
         os.kill(child, 9)
         pytest.fail("the runner's child process outlived the timeout")
+
+
+def test_each_row_records_the_key_of_the_model_it_measured(tmp_path):
+    """bench.json names what each row measured (check.live.folder_key), so a report can tell a stale row."""
+    doc = bench_models({"bf16": {"path": tmp_path / "src", "key": "abc"}, "x": {"path": tmp_path / "x"}},
+                       tmp_path / "bench.json", py=sys.executable, time_budget=-1)
+    assert [r["model_key"] for r in read_json(tmp_path / "bench.json", "bench")["rows"]] == ["abc", None]
+    assert [r["model_key"] for r in doc["rows"]] == ["abc", None]

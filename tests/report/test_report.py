@@ -205,12 +205,7 @@ def test_report_shows_served_speed_from_bench_json(small_run, tmp_path):
     opts, _ = small_run
     run = shutil.copytree(opts.run, tmp_path / "run")
     names = ["bf16", "fp8_autoquant_top25", "fp8_autoquant_full", "fp8_autoquant_bits12"]
-    rows = []
-    for i, name in enumerate(names):
-        speed = 1000.0 * (1 + 0.1 * i)
-        rows.append({"scheme": name, "ok": True, "error": None, "engine_start_s": 60.0, "kv_cache": None,
-                     "workloads": {w: {"median": speed, "spread": 0.02, "metric": "total_tok_s"}
-                                   for w in ("prefill_images", "decode", "mixed")}})
+    rows = _bench_rows(run, names)
     rows.append({"scheme": "fp8_autoquant_bits10", "ok": False, "error": "not run: time budget", "workloads": {}})
     add_speedups(rows)
     write_json(run / "bench.json", "bench", {"device": {"name": "GPU", "count": 1}, "vllm_version": "0.0-test",
@@ -225,3 +220,66 @@ def test_report_shows_served_speed_from_bench_json(small_run, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["speed"]["fp8_autoquant_full"]["speedup_vs_bf16"]["mixed"] == pytest.approx(1.2)
     assert (run / "figures" / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _bench_rows(run, names, keys=None):
+    """bench.json rows (before add_speedups) for `names`, 1000, 1100, ... tok/s on every workload, each row keyed by
+    the model it measured: by default the run's own source and checkpoints."""
+    from fp8mix import manifest
+    from fp8mix.check.live import folder_key
+
+    rows = []
+    for i, name in enumerate(names):
+        key = (manifest.load(run)["model"]["fingerprint"] if name == "bf16"
+               else folder_key(run / "checkpoints" / name))
+        rows.append({"scheme": name, "ok": True, "error": None, "engine_start_s": 60.0, "kv_cache": None,
+                     "model_key": (keys or {}).get(name, key),
+                     "workloads": {w: {"median": 1000.0 * (1 + 0.1 * i), "spread": 0.02, "metric": "total_tok_s"}
+                                   for w in ("prefill_images", "decode", "mixed")}})
+    return rows
+
+
+def _speed_lines(text):
+    """The speed table's rows of report.md by scheme."""
+    part = text.split("## Served speed (vLLM)")[1].split("\n## ")[0]
+    return {ln.split("|")[1].strip(): ln for ln in part.splitlines() if ln.startswith("| ") and "---" not in ln}
+
+
+def test_report_speed_rows_of_other_models_are_stale_and_missing_schemes_show(small_run, tmp_path):
+    """A bench.json row measured on another checkpoint than the run's (re-exported since, another model) or that
+    does not say which one is shown as stale, with no speed-up and outside the figure; a stale BF16 row leaves no
+    speed-up at all; a scheme of the run without a bench row shows as not measured; the KL column is named as the
+    figure it holds."""
+    import shutil
+
+    from fp8mix.bench.stage import BENCH_VERSION, add_speedups
+    from fp8mix.report.stage import stage_report
+    from fp8mix.rundir import write_json
+
+    opts, _ = small_run
+    run = shutil.copytree(opts.run, tmp_path / "run", ignore=shutil.ignore_patterns("*.safetensors"))
+    names = ["bf16", "fp8_autoquant_top25", "fp8_autoquant_full", "fp8_autoquant_bits12"]
+
+    def report(keys):
+        rows = _bench_rows(run, names, keys)
+        add_speedups(rows)
+        write_json(run / "bench.json", "bench", {"device": {"name": "GPU", "count": 1}, "vllm_version": "0.0-test",
+                                                "repeats": 3, "rows": rows}, version=BENCH_VERSION)
+        stage_report(type(opts)(**{**opts.__dict__, "run": run}))
+        return _speed_lines((run / "report.md").read_text()), json.loads((run / "summary.json").read_text())
+
+    lines, summary = report({"fp8_autoquant_full": "0" * 64, "fp8_autoquant_bits12": None})
+    head = lines["scheme"]
+    assert "reply top-k KL" in head and "mean KL" not in head
+    assert "| 1.10 |" in lines["fp8_autoquant_top25"] and "stale" not in lines["fp8_autoquant_top25"]
+    for name in ("fp8_autoquant_full", "fp8_autoquant_bits12"):
+        assert "stale" in lines[name] and "1,200" not in lines[name] and "1.20" not in lines[name], lines[name]
+        assert not summary["speed"][name]["ok"] and summary["speed"][name]["speedup_vs_bf16"] == {}
+    assert "not measured" in lines["fp8_autoquant_top50"]   # a scheme of the run that bench.json lacks
+    assert summary["speed"]["fp8_autoquant_top25"]["speedup_vs_bf16"]["mixed"] == pytest.approx(1.1)
+
+    lines, summary = report({"bf16": "0" * 64})
+    assert "stale" in lines["bf16"]
+    assert all(not s["speedup_vs_bf16"] for s in summary["speed"].values())
+    assert "1,100" in lines["fp8_autoquant_top25"] and "1.10" not in lines["fp8_autoquant_top25"]
+    assert not (run / "figures" / "speed.png").exists() or "figures/speed.png" not in (run / "report.md").read_text()

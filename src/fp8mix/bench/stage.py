@@ -10,8 +10,8 @@ counted in a workload.
 bench.json (``fp8mix/bench/v1``, written atomically)::
 
     {"schema", "run", "device", "vllm_version", "engine", "workloads", "repeats",
-     "rows": [{"scheme", "model", "kv_cache", "ok", "error", "engine_start_s", "import_s", "kv_cache_dtype",
-               "kv_cache_tokens",
+     "rows": [{"scheme", "model", "model_key", "kv_cache", "ok", "error", "engine_start_s", "import_s",
+               "kv_cache_dtype", "kv_cache_tokens",
                "workloads": {name: {"metric", "median", "min", "max", "spread", "values", "seconds",
                                     "requests", "prompt_tokens", "output_tokens"}},
                "speedup_vs_bf16": {name: float}}]}
@@ -133,7 +133,8 @@ def serve_one(py: str, label: str, model: Path, engine: dict, workloads: dict, r
 def bench_models(models: dict[str, dict], out: Path, *, py: str, repeats: int = 3, engine: dict | None = None,
                  workloads: dict | None = None, timeout: int = 1200, time_budget: float | None = None,
                  meta: dict | None = None, progress=None, warmup: dict | None = None) -> dict:
-    """Serve each model ({label: {"path", "engine" (extra LLM arguments), "kv_cache"}}) once and write bench.json
+    """Serve each model ({label: {"path", "engine" (extra LLM arguments), "kv_cache", "key" (what identifies the
+    model: check.live.folder_key, recorded as the row's model_key)}}) once and write bench.json
     at `out` after every model (a later failure keeps what was measured). `time_budget` (seconds): start no model
     once that much time has passed; it is recorded as not run. `warmup`: the untimed first call (default WARMUP)."""
     if repeats < 3:
@@ -158,6 +159,7 @@ def bench_models(models: dict[str, dict], out: Path, *, py: str, repeats: int = 
                                     repeats, work, timeout, warmup)
             rows.append(row_of(label, Path(m["path"]), result, workloads, log, m.get("kv_cache")))
             doc["vllm_version"] = doc["vllm_version"] or result.get("vllm_version")
+        rows[-1]["model_key"] = m.get("key")
         add_speedups(rows)
         write_json(out, "bench", doc, version=BENCH_VERSION)
     return doc
@@ -190,6 +192,7 @@ def require_gpu_and_vllm() -> str:
 def stage_bench(opts, repeats: int = 3, schemes: list[str] | None = None, time_budget: float | None = None,
                 timeout: int = 1200) -> dict:
     """Benchmark the run's BF16 source and every exported compressed-tensors checkpoint; writes bench.json."""
+    from ..check.live import folder_key
     from ..context import catalog_of, model_arg, progress, require_run
     from ..models import loading
 
@@ -201,12 +204,12 @@ def stage_bench(opts, repeats: int = 3, schemes: list[str] | None = None, time_b
     unknown = [n for n in names if n != "bf16" and n not in catalog.schemes]
     if unknown:
         raise FP8MixError(f"unknown scheme {unknown[0]!r}; the catalog has {', '.join(catalog.schemes)}")
-    models = {"bf16": {"path": source}} if schemes is None or "bf16" in names else {}
+    models = {"bf16": {"path": source, "key": folder_key(source)}} if schemes is None or "bf16" in names else {}
     for n in (x for x in names if x != "bf16"):
         folder = opts.run / "checkpoints" / n
         if not (folder / "config.json").is_file():
             raise FP8MixError(f"{folder} is missing: run fp8mix export --run {opts.run} first")
         plan = read_json(opts.run / "plans" / f"{n}.json", "plan")
-        models[n] = {"path": folder, "kv_cache": plan.get("kv_cache")}
+        models[n] = {"path": folder, "kv_cache": plan.get("kv_cache"), "key": folder_key(folder)}
     return bench_models(models, opts.run / "bench.json", py=py, repeats=repeats, time_budget=time_budget,
                         timeout=timeout, meta={"run": str(opts.run), "device": device_facts()}, progress=progress)

@@ -285,7 +285,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         add("")
 
     L.extend(served_part.section(rows, served, ev.get("top_k", 0), figures.get("served")))
-    L.extend(speed_part.section(bench, quality_figures(rows, served)))
+    L.extend(speed_part.section(bench, quality_figures(rows, served), list(plans)))
     if "speed" in figures:
         L.append(f"![Speed vs quality]({figures['speed']})\n")
 

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 from .. import manifest
+from ..check.live import folder_key
 from ..context import RunOptions, catalog_of
+from ..errors import FP8MixError
 from ..rundir import read_json, write_json
 from . import figures
 from .markdown import CATALOG_COPY, eval_rows, quality_figures, render, served_rows
 from .served import pairs
-from .speed import points
+from .speed import current, points
 
 
 def stage_report(opts: RunOptions) -> Path:
@@ -35,6 +37,9 @@ def stage_report(opts: RunOptions) -> Path:
     if compared:
         figs["served"] = figures.served_vs_emulated(compared, run / "figures" / "served.png")
     bench = read_json(run / "bench.json", "bench") if (run / "bench.json").is_file() else None
+    if bench:
+        keys = {n: _key(run / "checkpoints" / n) for n in {r["scheme"] for r in bench["rows"]} - {"bf16"}}
+        bench = current(bench, {**keys, "bf16": man.get("model", {}).get("fingerprint")})
     speed = points(bench, quality_figures(rows, served_rows(ev)))
     if speed:
         figs["speed"] = figures.speed_vs_quality(speed, "mixed", "reply top-k KL vs BF16 (served where measured)",
@@ -53,3 +58,11 @@ def stage_report(opts: RunOptions) -> Path:
     write_json(run / "summary.json", "summary", summary)
     manifest.update(run, stages={"report": {"seconds": round(time.time() - t0, 2)}})
     return run / "report.md"
+
+
+def _key(folder: Path) -> str | None:
+    """The key of the checkpoint at `folder` as bench.json records it (None: no readable checkpoint there)."""
+    try:
+        return folder_key(folder) if (folder / "config.json").is_file() else None
+    except FP8MixError:
+        return None
