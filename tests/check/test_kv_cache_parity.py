@@ -38,3 +38,46 @@ def test_fp8_kv_cache_emulated_vs_served(embedded, check_run, live_checked, pari
           f"served: {equal_no_kv}/{n}")
     assert equal / n >= ANSWERS_EQUAL_KV, [f"{a!r} vs {b!r}" for a, b in zip(mine, theirs) if a != b][:3]
     assert equal >= equal_no_kv   # quantizing the cache brings the emulation closer to vLLM, never further
+
+
+VLLM_CACHE_WRITE = """
+import sys, torch, vllm._custom_ops as ops
+x = torch.load(sys.argv[1])
+t, h, d = x.shape
+kv = torch.zeros(1, h, 2 * t, d, dtype=torch.uint8)            # one block of t slots: keys, then values
+kc, vc = kv.chunk(2, dim=2)
+ops.cpu_attn_reshape_and_cache(x, x, kc, vc, torch.arange(t), "vec", k_scale=float(sys.argv[3]),
+                               v_scale=float(sys.argv[3]), kv_cache_dtype="fp8")
+torch.save(vc.clone(), sys.argv[2])
+"""
+
+
+def test_kv_scale_means_what_vllms_cache_write_divides_by(tmp_path):
+    """vLLM's own CPU cache write (cpu_attn_reshape_and_cache): e4m3 of x / v_scale, saturated at +-448 and, on
+    the CPU build, rounded toward zero; fp8mix's quantize_kv (vLLM's CUDA write: nearest, ties to even) lands on
+    the same value or the neighbour one e4m3 step further from zero."""
+    import subprocess
+
+    import torch
+
+    from fp8mix.check.static import cpu_fp8_kv_cache_reason
+    from fp8mix.quant.numerics import quantize_kv
+
+    if (why := cpu_fp8_kv_cache_reason(64)):
+        pytest.skip(why)
+    x = (torch.randn(32, 2, 64, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    x[0, 0, :4] = torch.tensor([1000.0, -1000.0, 0.0, 1e-6])
+    scale = 0.02
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([vllm_python(), "-c", VLLM_CACHE_WRITE, str(tmp_path / "x.pt"), str(tmp_path / "v.pt"),
+                    str(scale)], check=True, capture_output=True, timeout=300)
+    theirs = torch.load(tmp_path / "v.pt")[0].transpose(0, 1).contiguous().view(torch.float8_e4m3fn).float()  # t,h,d
+    y = x.float() / torch.tensor(scale, dtype=torch.float32)
+    codes = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()           # +0 .. 448
+    toward_zero = torch.sign(y) * codes[torch.searchsorted(codes, y.abs().clamp(max=448), right=True) - 1]
+    assert torch.equal(theirs, toward_zero)
+    mine = quantize_kv(x, scale).float()
+    step = codes[torch.searchsorted(codes, theirs.abs(), right=True).clamp(max=126)] - theirs.abs()
+    assert torch.equal(torch.sign(mine) * torch.sign(theirs) >= 0, torch.ones_like(mine, dtype=torch.bool))
+    assert bool(((mine.abs() == theirs.abs()) | (mine.abs() == theirs.abs() + step)).all())
+    assert float(mine.abs().max()) == float(theirs.abs().max()) == 448.0
