@@ -66,6 +66,7 @@ def test_runner_serves_an_fp8_kv_checkpoint_in_vllm(embedded, tmp_path, monkeypa
                  "long": {"n": 2, "in_tokens": 16, "images": 0.0, "max_tokens": 6, "decode_only": True,
                           "metric": "output_tok_s"}}
     cpu = {"enforce_eager": True, "max_model_len": 512, "max_num_seqs": 4, "dtype": "bfloat16", "seed": 0,
+           "enable_prefix_caching": False,
            "limit_mm_per_prompt": {"image": 1, "video": 0}}
     out = tmp_path / "run" / "bench.json"
     import fp8mix.bench.stage as stage
@@ -118,3 +119,18 @@ def test_each_row_records_the_key_of_the_model_it_measured(tmp_path):
                        tmp_path / "bench.json", py=sys.executable, time_budget=-1)
     assert [r["model_key"] for r in read_json(tmp_path / "bench.json", "bench")["rows"]] == ["abc", None]
     assert [r["model_key"] for r in doc["rows"]] == ["abc", None]
+
+
+@pytest.mark.parametrize("engine, images, why", [({"enable_prefix_caching": True}, 0.0, "prefix cache"),
+                                                 ({}, 0.25, "image cache")])
+def test_a_decode_timed_apart_refuses_a_cached_second_prefill(tmp_path, engine, images, why):
+    """The decode of a decode_only workload is the full call less the prefill-only call of the same requests; a
+    cache that serves the second prefill would make it too fast, so such a setting stops before any model runs."""
+    from fp8mix.errors import FP8MixError
+
+    work = {"long": {"n": 2, "in_tokens": 16, "max_tokens": 8, "images": images, "decode_only": True,
+                     "metric": "output_tok_s"}}
+    with pytest.raises(FP8MixError, match=why):
+        bench_models({"bf16": {"path": tmp_path / "m", "engine": engine}}, tmp_path / "bench.json",
+                     py=sys.executable, workloads=work)
+    assert not (tmp_path / "bench.json").exists()

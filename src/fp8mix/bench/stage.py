@@ -93,6 +93,21 @@ def add_speedups(rows: list[dict]) -> None:
             if w in base["workloads"] and base["workloads"][w]["median"]}
 
 
+def decode_apart_is_timed_right(label: str, engine: dict, workloads: dict) -> None:
+    """A decode_only workload serves its requests twice and subtracts the first call (the prefill) from the second:
+    with vLLM's prefix cache on (its default) or an image in a request, the second call's prefill is a cache hit,
+    the subtraction takes too much off and the decode figure comes out too fast."""
+    for name, w in workloads.items():
+        if not w.get("decode_only"):
+            continue
+        if engine.get("enable_prefix_caching", True):
+            raise FP8MixError(f"{label}: workload {name} times the decode apart from the prefill, which needs "
+                              "enable_prefix_caching False (vLLM's prefix cache would serve the second prefill)")
+        if float(w.get("images", 0.0)):
+            raise FP8MixError(f"{label}: workload {name} times the decode apart from the prefill, which needs "
+                              "text-only requests (vLLM's image cache would serve the second prefill's images)")
+
+
 def serve_one(py: str, label: str, model: Path, engine: dict, workloads: dict, repeats: int, work: Path,
               timeout: int, warmup: dict = WARMUP) -> tuple[dict, str]:
     """One engine start and the workloads, in a child process. Returns (the runner's result, its log)."""
@@ -142,6 +157,8 @@ def bench_models(models: dict[str, dict], out: Path, *, py: str, repeats: int = 
     engine = {**ENGINE, **(engine or {})}
     workloads = workloads or WORKLOADS
     warmup = warmup or WARMUP
+    for label, m in models.items():
+        decode_apart_is_timed_right(label, {**engine, **m.get("engine", {})}, workloads)
     t0 = time.time()
     rows: list[dict] = []
     doc = {"run": None, "engine": engine, "workloads": workloads, "repeats": repeats, "warmup": warmup,
