@@ -40,6 +40,37 @@ def test_fp8_kv_cache_emulated_vs_served(embedded, check_run, live_checked, pari
     assert equal >= equal_no_kv   # quantizing the cache brings the emulation closer to vLLM, never further
 
 
+def test_vllm_runs_the_stored_kv_scales_and_a_kv_cache_it_ignores_fails(check_run, live_checked, skeleton,
+                                                                          tmp_path):
+    """The live check reads the KV cache dtype and k/v scales vLLM's attention layers run with. The checkpoint as
+    exported: fp8 at exactly the stored scales. The same checkpoint without its kv_cache_scheme: vLLM skips the
+    stored scales with a log line and runs a BF16 cache, and the live check fails it (the static check would
+    too; here the live check is called alone)."""
+    import json
+    import shutil
+
+    from .check_helpers import plan_of
+    from fp8mix.check.fidelity import REFERENCE_FILE
+    from fp8mix.check.stage import live_check
+    from fp8mix.rundir import read_json
+
+    net, adapter, layout = skeleton
+    good = live_checked[NAME]["live"]
+    if good["ran"]:
+        lm = {n: a for n, a in good["attention"].items() if n.startswith("language_model.")}
+        assert lm and all(a["kv_cache_dtype"].startswith("fp8") and a["k_scale"] != 1.0 for a in lm.values()), lm
+    full = live_checked["fp8_autoquant_full"]["live"]
+    assert full["ran"] and not any(a["kv_cache_dtype"].startswith("fp8") for a in full["attention"].values())
+    bad = shutil.copytree(check_run.run / "checkpoints" / NAME, tmp_path / "no_kv_scheme")
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["quantization_config"]["kv_cache_scheme"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    reference = read_json(check_run.run / REFERENCE_FILE, "served")
+    live, _ = live_check(bad, plan_of(check_run.run, NAME), adapter, layout, reference)
+    assert live["ran"] and live["ok"] is False
+    assert any("KV cache; the plan asks for fp8" in e for e in live["errors"]), live["errors"]
+
+
 VLLM_CACHE_WRITE = """
 import sys, torch, vllm._custom_ops as ops
 x = torch.load(sys.argv[1])

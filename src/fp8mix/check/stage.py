@@ -17,13 +17,13 @@ from ..rundir import read_json, write_json
 from .fidelity import bf16_reference, compare, probe_requests
 from .live import (CPU_FORMATS, RequestSet, Runner, engine_settings, folder_key, serve, vllm_python,
                    write_served)
-from .static import check_static, cpu_fp8_kv_cache_reason, kv_head_dim
+from .static import check_static, cpu_fp8_kv_cache_reason, kv_head_dim, served_kv_cache_errors
 
 
-def live_check(folder: Path, plan: dict, adapter, reference: dict, extra: RequestSet | None = None,
+def live_check(folder: Path, plan: dict, adapter, layout, reference: dict, extra: RequestSet | None = None,
                engine: dict | None = None, runner: Runner | None = None) -> tuple[dict, dict]:
-    """Serve one checkpoint (one engine start, by `runner` or a process of its own): layer dtypes, load warnings,
-    outputs against the BF16 reference. Returns (the live verdict, the served document: outputs by request id,
+    """Serve one checkpoint (one engine start, by `runner` or a process of its own): layer dtypes, the KV cache's
+    dtype and scales as vLLM runs them, load warnings, outputs against the BF16 reference. Returns (the live verdict, the served document: outputs by request id,
     timings, vLLM version)."""
     fp8 = [adapter.to_disk(m) for m in plan["fp8_modules"]]
     bf16 = [adapter.to_disk(m) for m in plan["bf16_modules"]]
@@ -36,7 +36,10 @@ def live_check(folder: Path, plan: dict, adapter, reference: dict, extra: Reques
         return {"ran": False, "ok": None, "reason": res["reason"]}, {}
     errors = list(res.get("errors", []))
     live = {"ran": True, "vllm_version": res.get("vllm_version"), "warnings": res.get("warnings", [])[:20],
-            "layers": res.get("layers", {}), "timings_s": res.get("timings_s", {})}
+            "layers": res.get("layers", {}), "attention": res.get("attention", {}),
+            "timings_s": res.get("timings_s", {})}
+    if res.get("layers"):  # the engine started and its layers were read
+        errors += served_kv_cache_errors(folder, plan, live["attention"], layout, adapter)
     if ref_ok:
         fid = compare(res.get("outputs", {}), reference["outputs"])
         live["fidelity"] = {k: fid[k] for k in ("metrics", "tolerances", "probes")}
@@ -74,7 +77,7 @@ def check_folder(folder: Path, plan: dict, net, adapter, layout, live: bool, on_
     elif reference is None:
         raise FP8MixError("the live check needs the BF16 source's served outputs")
     else:
-        result["live"], outputs = live_check(folder, plan, adapter, reference(), extra, engine, runner)
+        result["live"], outputs = live_check(folder, plan, adapter, layout, reference(), extra, engine, runner)
     result["ok"] = static["ok"] and result["live"]["ok"] is not False
     return result, outputs
 

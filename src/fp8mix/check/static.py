@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..models import FamilyAdapter, ModelLayout
+from ..quant.kv_cache import attention_modules
 
 FP8 = "F8_E4M3"
 HIGH = {"BF16", "F16", "F32"}
@@ -317,6 +318,32 @@ def _check_kv_cache(folder: Path, qc: dict, method: str, meta: dict, layout: Mod
         if not (math.isfinite(value) and value > 0.0):
             failures.append(f"{name} is {value}: a KV-cache scale must be finite and positive")
     return {"kv_cache": "fp8", "kv_scales": len(present)}
+
+
+def served_kv_cache_errors(folder: Path, plan: dict, attention: dict, layout: ModelLayout,
+                           adapter: FamilyAdapter) -> list[str]:
+    """vLLM's LM attention layers as it serves the checkpoint (`attention`: vLLM name -> kv_cache_dtype, k_scale,
+    v_scale, read in the engine) against the plan: with an FP8 KV cache, each runs an fp8 cache at exactly the k/v
+    scales the checkpoint stores (a scale vLLM did not load is 1.0, with only a log line); without one, none does."""
+    errors, wants = [], plan.get("kv_cache") == "fp8"
+    mods = attention_modules(layout)
+    stored = _scale_values(folder, [f"{adapter.to_disk(a)}.{k}" for a in mods for k in ("k_scale", "v_scale")])
+    for a in mods:
+        served = attention.get(f"{adapter.to_vllm(adapter.to_disk(a))}.attn")
+        if served is None:
+            errors.append(f"vLLM has no attention layer for {a}")
+        elif not wants:
+            if served["kv_cache_dtype"].startswith("fp8"):
+                errors.append(f"vLLM runs {a} with an {served['kv_cache_dtype']} KV cache the plan does not ask for")
+        elif not served["kv_cache_dtype"].startswith("fp8"):
+            errors.append(f"vLLM runs {a} with a {served['kv_cache_dtype']} KV cache; the plan asks for fp8")
+        else:
+            for kind in ("k_scale", "v_scale"):
+                want = stored.get(f"{adapter.to_disk(a)}.{kind}")
+                if want is None or served[kind] != want:
+                    errors.append(f"vLLM runs {a} with {kind} {served[kind]!r}; the checkpoint stores {want!r} (a "
+                                  "scale vLLM did not load is 1.0)")
+    return errors[:1] + ([f"... and {len(errors) - 1} more"] if len(errors) > 1 else [])
 
 
 def _scale_values(folder: Path, names: list[str]) -> dict[str, float]:

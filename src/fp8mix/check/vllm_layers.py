@@ -48,9 +48,16 @@ def inspect_layers(model):
             "weight_dtype": wd, "weight_shape": ws,
             "weight_scale_dtype": sd, "weight_scale_shape": ss,
         }
+    # Attention layers with a KV cache: the cache dtype and the k/v scales vLLM runs them with (a scale it did not
+    # find in the checkpoint is silently 1.0, so the live check compares them with the stored ones).
+    attention = {name: {"kv_cache_dtype": str(mod.kv_cache_dtype), "k_scale": float(mod._k_scale_float),
+                        "v_scale": float(mod._v_scale_float)}
+                 for name, mod in model.named_modules()
+                 if hasattr(mod, "kv_cache_dtype") and hasattr(mod, "_k_scale_float")}
     mapper = getattr(type(model), "hf_to_vllm_mapper", None) or getattr(model, "hf_to_vllm_mapper", None)
     packed = dict(getattr(model, "packed_modules_mapping", None) or {})
-    return {"layers": layers, "model_class": type(model).__name__, "mapper": mapper, "packed": packed}
+    return {"layers": layers, "attention": attention, "model_class": type(model).__name__, "mapper": mapper,
+            "packed": packed}
 
 
 def resolve(pattern: str, layer_names: list[str], mapper, packed: dict) -> list[str]:

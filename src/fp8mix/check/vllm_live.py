@@ -44,6 +44,7 @@ JSON written to --out (always, also on failure):
     {"ok", "vllm_version", "torch_version", "model", "quantization", "model_class",
      "layers": {vllm_name: {"quant_method", "scheme", "kernel", "weight_dtype", "weight_shape",
                             "weight_scale_dtype", "weight_scale_shape", "module"}},
+     "attention": {vllm_name: {"kv_cache_dtype", "k_scale", "v_scale"}},
      "expectations": {...},
      "outputs": {id: {"prompt_token_ids", "n_image_tokens", "text", "token_ids", "finish_reason",
                       "prompt_logprobs": [null, {"logprob", "rank", "top": [[token, logprob], ...]}, ...],
@@ -337,7 +338,8 @@ def serve_model(job: dict, capture: _Capture, state: dict) -> tuple[int, str | N
     job["out"]. Returns (exit status, None or what the engine left that keeps this process from starting another)."""
     engine = {"max_model_len": int(job.get("max_model_len", 1024)), "max_num_seqs": int(job.get("max_num_seqs", 16))}
     result: dict = {"ok": False, "vllm_version": None, "torch_version": None, "model": os.path.abspath(job["model"]),
-                    "quantization": None, "layers": {}, "expectations": {}, "outputs": {}, "warnings": [],
+                    "quantization": None, "layers": {}, "attention": {}, "expectations": {}, "outputs": {},
+                    "warnings": [],
                     "errors": [], "timings_s": {},
                     "engine": {**engine, "dtype": "bfloat16", "enforce_eager": True, "enable_prefix_caching": False}}
     unreported = {"import": 0.0, "warnings": []}
@@ -363,6 +365,7 @@ def serve_model(job: dict, capture: _Capture, state: dict) -> tuple[int, str | N
                 info = eng.llm.apply_model(inspect_layers)[0]
                 result["model_class"] = info["model_class"]
                 result["layers"] = info["layers"]
+                result["attention"] = info["attention"]
                 if not info["layers"]:
                     result["errors"].append("no linear layer found in vLLM's model")
                 expect = {"float8_e4m3fn": list(job.get("expect_fp8") or ()),
