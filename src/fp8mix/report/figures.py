@@ -90,7 +90,10 @@ def pareto(rows: list[dict], study: dict | None, positions: str, path: Path) -> 
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     schemes = [r for r in rows if r["scheme"] != "bf16"]
     for r in schemes:
-        kl = max(r["kl_mean"] if r.get("kl_mean") is not None else r["kl_topk_mean"], 1e-9)
+        kl = r["kl_mean"] if r.get("kl_mean") is not None else r.get("kl_topk_mean")
+        if kl is None:  # a scheme vLLM did not serve, in an eval of vLLM only
+            continue
+        kl = max(kl, 1e-9)
         ax.scatter(r["effective_bits"], kl, color="#d95f02", zorder=3)
         ax.annotate(r["scheme"].replace("fp8_autoquant_", ""), (r["effective_bits"], kl),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -7,6 +7,7 @@ from pathlib import Path
 from . import served as served_part
 from . import speed as speed_part
 from .figures import group_kinds
+from ..errors import FP8MixError
 from ..rundir import schema_version
 
 # Thresholds for the recommendations: FP8 W8A8 is expected to sit near llama.cpp's Q8_0 regime
@@ -23,13 +24,19 @@ EVAL_V2_FIELDS = ("kl_reply_mean", "kl_reply_p99", "top1_reply_agreement", "n_te
                   "n_labelled_tokens", "answer_exact_match", "n_answers", "flips_vs_bf16")
 
 
+# A row's figures; a vLLM row has no full KL, and a model vLLM did not serve has none of them.
+ROW_METRICS = ("kl_mean", "kl_p99", "kl_reply_mean", "kl_reply_p99", "kl_topk_mean", "kl_topk_reply_mean",
+               "top1_agreement", "top1_reply_agreement", "ppl", "answer_accuracy", "answer_exact_match",
+               "flips_vs_bf16", "n_text_positions", "n_reply_positions", "n_labelled_tokens", "n_answers")
+
+
 def eval_rows(ev: dict) -> tuple[dict[str, dict], str]:
     """eval.json's emulated rows by scheme in the current shape (the served rows where the eval ran vLLM only),
     and what their kl_mean/top1_agreement average over. In a v1 file those cover every non-padding position and
     `answer_accuracy` is the exact match."""
     if schema_version(ev) >= 3:
         emulated = {r["scheme"]: r for r in ev["rows"] if r["engine"] == "transformers"}
-        return emulated or {n: {**dict.fromkeys(("kl_mean", "kl_p99", "kl_reply_mean", "kl_reply_p99")), **r}
+        return emulated or {n: {**dict.fromkeys(ROW_METRICS), **r}
                             for n, r in served_rows(ev).items()}, "text positions"
     if schema_version(ev) >= 2:
         return {r["scheme"]: r for r in ev["rows"]}, "text positions"
@@ -58,9 +65,15 @@ def quality_figures(rows: dict[str, dict], served: dict[str, dict]) -> dict[str,
     return out
 
 
-def _kl(r: dict) -> float:
-    """A row's mean KL: the full KL where the emulation ran, else the served top-k KL (a lower bound)."""
-    return r["kl_mean"] if r.get("kl_mean") is not None else r["kl_topk_mean"]
+def _kl(r: dict) -> float | None:
+    """A row's mean KL: the full KL where the emulation ran, else the served top-k KL (a lower bound); None for a
+    model vLLM did not serve."""
+    return r["kl_mean"] if r.get("kl_mean") is not None else r.get("kl_topk_mean")
+
+
+def _kl_named(r: dict) -> str:
+    """"mean KL 0.00123", or "mean top-k KL 0.00123" where only vLLM's top-k KL was measured."""
+    return f"mean {'KL' if r.get('kl_mean') is not None else 'top-k KL'} {_fmt(_kl(r))}"
 
 
 def _num(x) -> float:
@@ -86,6 +99,13 @@ def _blocks_are(blocks: list[int]) -> str:
     return f"Block {listed} is" if len(blocks) == 1 else f"Blocks {listed} are"
 
 
+def _dropped(n, max_length) -> str:
+    """", 2 samples left out (longer than --max-length 1024 tokens)", or nothing when none was."""
+    if not n:
+        return ""
+    return f", {_count(n, 'sample')} left out (longer than --max-length {max_length} tokens)"
+
+
 def _mb(n):
     return f"{n / 1e6:,.2f}"
 
@@ -97,7 +117,8 @@ def _verdict(check: dict | None, part: str) -> str:
     if part == "static":
         return "pass" if res["ok"] else "FAIL: " + "; ".join(res["failures"][:2])
     if not res.get("ran"):
-        return f"skipped ({res.get('reason', '')})"
+        reason = res.get("reason") or ""
+        return reason if reason.startswith("skipped") else f"skipped ({reason})"
     return "pass" if res["ok"] else "FAIL: " + "; ".join((res.get("errors") or [res.get("reason", "")])[:2])
 
 
@@ -109,7 +130,7 @@ def recommendations(rows: dict[str, dict], plans: dict[str, dict], checks: dict[
     served = served or {}
     departed = served_part.flagged(rows, served)
     passing = [n for n in plans if checks.get(n, {}).get("ok", False)]
-    ok = [n for n in passing if n not in departed]
+    ok = [n for n in passing if n not in departed and _kl(rows[n]) is not None]
 
     def acc_ok(n):
         if served.get(n, {}).get("served") and served.get("bf16", {}).get("served"):
@@ -130,6 +151,9 @@ def recommendations(rows: dict[str, dict], plans: dict[str, dict], checks: dict[
 def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict], ev: dict, manifest: dict,
            catalog_path: Path, figures: dict[str, str], bench: dict | None = None) -> tuple[str, dict]:
     rows, positions = eval_rows(ev)
+    missing = [n for n in ("bf16", *plans) if n not in rows]
+    if missing:
+        raise FP8MixError(f"{run / 'eval.json'} has no row for {', '.join(missing)}; run fp8mix eval --run {run}")
     served = served_rows(ev)
     bf16 = rows["bf16"]
     rec = recommendations(rows, plans, checks, served)
@@ -157,7 +181,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     if rec["serve_default"]:
         r = rows[rec["serve_default"]]
         add(f"- Smallest near-lossless scheme: **{rec['serve_default']}** ({_fmt(plans[rec['serve_default']]['effective_bits'], '.2f')} "
-            f"effective bits, mean KL {_fmt(r['kl_mean'])} and top-1 agreement {_fmt(r['top1_agreement'], '.4f')} over "
+            f"effective bits, {_kl_named(r)} and top-1 agreement {_fmt(r['top1_agreement'], '.4f')} over "
             f"{positions}, {_flips(r)} answers changed against BF16).")
     if study:
         add(f"- Blocks in the most sensitive quartile under every scoring config: "
@@ -177,14 +201,15 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     add(f"| LM blocks | {sens['n_blocks']} ({len(sens['groups'])} fused linear groups: qkv, o, gate_up, down) |")
     add("| always BF16 | vision tower, embeddings, lm_head |")
     add(f"| calibration | {cal['source']}: {_count(cal['n_samples'], 'sample')}, {_count(cal['n_tokens'], 'token')}, "
-        f"{'with images' if cal['with_images'] else 'text only'}, seed {cal['seed']}, batch {cal['batch_size']} |")
+        f"{'with images' if cal['with_images'] else 'text only'}, seed {cal['seed']}, batch {cal['batch_size']}"
+        f"{_dropped(cal.get('n_dropped_too_long'), cal.get('max_length'))} |")
     add(f"| loss | {cal['loss']} |")
     add(f"| AutoQuant | method {sens['method']}, FP8 format {sens['fp8_format']}, granularity {sens['granularity']}, "
         f"settings key `{sens['settings_key']}` |")
     add(f"| evaluation | {ev['data']}: {_count(ev['n_samples'], 'held-out sample')} (never used for calibration), "
         f"{_fmt(bf16['n_text_positions'], 'd')} positions counted ({positions}), "
         f"{_fmt(bf16['n_reply_positions'], 'd')} of them in replies, "
-        f"{_fmt(bf16['n_answers'], 'd')} reference answers |")
+        f"{_fmt(bf16['n_answers'], 'd')} reference answers{_dropped(ev.get('n_dropped'), sens['settings'].get('max_length'))} |")
     add(f"| device | {manifest.get('device', 'cpu')} ({manifest.get('hardware', 'hardware not recorded')}) |")
     add("| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + " |")
     live_versions = sorted({c["live"].get("vllm_version") for c in checks.values() if c["live"].get("vllm_version")})
@@ -312,7 +337,7 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
     if rec["smallest"]:
         r = rows[rec["smallest"]]
         add(f"- **Memory or throughput first:** `{rec['smallest']}` ({plans[rec['smallest']]['effective_bits']:.2f} bits, "
-            f"mean KL {_fmt(r['kl_mean'])}, accuracy {_fmt(r['answer_accuracy'], '.3f')} vs {_fmt(bf16['answer_accuracy'], '.3f')}, "
+            f"{_kl_named(r)}, accuracy {_fmt(r['answer_accuracy'], '.3f')} vs {_fmt(bf16['answer_accuracy'], '.3f')}, "
             f"{_flips(r)} answers changed).")
     if rec["closest_to_bf16"]:
         add(f"- **Closest to BF16:** `{rec['closest_to_bf16']}`.")
@@ -321,13 +346,16 @@ def render(run: Path, sens: dict, plans: dict[str, dict], checks: dict[str, dict
         twin = [m for m in plans if "blocks_fraction" in plans[m]["rule"]
                 and abs(plans[m]["effective_bits"] - plans[n]["effective_bits"]) < 0.05]
         for m in twin:
-            better = rows[n]["kl_mean"] < rows[m]["kl_mean"]
-            add(f"- At {plans[n]['effective_bits']:.0f} bits, group-level `{n}` has mean KL {_fmt(rows[n]['kl_mean'])} "
-                f"against whole-block `{m}` {_fmt(rows[m]['kl_mean'])}: "
+            if _kl(rows[n]) is None or _kl(rows[m]) is None:
+                continue
+            better = _kl(rows[n]) < _kl(rows[m])
+            add(f"- At {plans[n]['effective_bits']:.0f} bits, group-level `{n}` has {_kl_named(rows[n])} "
+                f"against whole-block `{m}` {_fmt(_kl(rows[m]))}: "
                 f"{'prefer the group-level budget' if better else 'whole blocks do as well here'}.")
     if study and study["consistently_sensitive_blocks"]:
         add(f"- {_blocks_are(study['consistently_sensitive_blocks'])} sensitive under every config: "
-            "a hand-written scheme should keep them BF16.")
+            f"a hand-written scheme should keep {'it' if len(study['consistently_sensitive_blocks']) == 1 else 'them'} "
+            "BF16.")
     if rec["used_served_figures"]:
         add("- Answer accuracy above is as vLLM serves each scheme (against BF16 served by vLLM).")
     for n, why in rec["served_departs"].items():
