@@ -276,12 +276,18 @@ def bench(run: Run, repeats: Annotated[int, typer.Option("--repeats", help="Time
 
     doc = stage_bench(_options(run), repeats=repeats, schemes=scheme, time_budget=time_budget)
     table = Table(title=f"served speed, vLLM {doc['vllm_version']} on {doc['device']['name']} (median of "
-                        f"{doc['repeats']}; x BF16)")
+                        f"{doc['repeats']}; x BF16; ± spread = (max − min) / median, as in the report)")
     for col in ("scheme", "engine start s", *doc["workloads"], "error"):
         table.add_column(col)
+
+    def cell(m: dict, speedup: float | None) -> str:
+        spread = "-" if m.get("spread") is None else f"{m['spread']:.1%}"
+        ratio = "-" if speedup is None else f"{speedup:.2f}x"
+        return f"{m['median']:.0f} tok/s ({ratio}, ±{spread})"
+
     for r in doc["rows"]:
-        cells = [f"{r['workloads'][w]['median']:.0f} tok/s ({r['speedup_vs_bf16'].get(w, float('nan')):.2f}x, "
-                 f"±{r['workloads'][w]['spread'] / 2:.1%})" if w in r["workloads"] else "-" for w in doc["workloads"]]
+        cells = [cell(r["workloads"][w], r["speedup_vs_bf16"].get(w)) if w in r["workloads"] else "-"
+                 for w in doc["workloads"]]
         start = r.get("engine_start_s")
         table.add_row(r["scheme"], "-" if start is None else f"{start:.0f}", *cells, (r.get("error") or "")[:80])
     console.print(table)
