@@ -74,6 +74,10 @@ def test_an_eval_json_of_vllm_rows_only_makes_a_report(small_run, tmp_path):
     assert "| n/a | n/a | n/a |" in line
     bits12 = next(r for r in served if r["scheme"] == "fp8_autoquant_bits12")
     assert f"`fp8_autoquant_bits12` has mean top-k KL {bits12['kl_topk_mean']:.3g}" in text
+    # no emulation ran: the served quality section compares nothing with it
+    assert "yes, within noise" not in text and not summary["recommendations"]["served_departs"]
+    line = next(ln for ln in text.splitlines() if ln.startswith("| fp8_autoquant_bits12 | n/a |"))
+    assert f"| {bits12['kl_topk_reply_mean']:.3g} |" in line
 
 
 def test_a_scheme_with_no_eval_row_is_one_clear_error(small_run, tmp_path):

@@ -22,9 +22,11 @@ DEPARTURE = {
 
 
 def pairs(emulated: dict[str, dict], served: dict[str, dict]) -> dict[str, tuple[dict, dict]]:
-    """Schemes (not BF16) with both an emulated and a served row."""
+    """Schemes (not BF16) with both an emulated and a served row (an eval of vLLM only has no emulated row: the
+    report's rows are then the served ones)."""
     return {n: (emulated[n], s) for n, s in served.items()
-            if n != "bf16" and n in emulated and s.get("served") and "kl_topk_reply_mean" in emulated[n]}
+            if n != "bf16" and n in emulated and emulated[n].get("engine") != "vllm" and s.get("served")
+            and "kl_topk_reply_mean" in emulated[n]}
 
 
 def departures(emulated: dict, served: dict) -> list[str]:
@@ -64,6 +66,8 @@ def section(emulated: dict[str, dict], served: dict[str, dict], top_k: int, figu
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in served.items():
         e = emulated.get(name, {})
+        if e.get("engine") == "vllm":  # an eval of vLLM only: nothing emulated to compare with
+            e = {}
         if not s.get("served"):
             L.append(f"| {name} | {_f(e.get('kl_topk_reply_mean'))} | — | {_f(e.get('top1_reply_agreement'), '.4f')} "
                      f"| — | {_f(e.get('answer_accuracy'), '.3f')} | — | {e.get('flips_vs_bf16', 'n/a')} "
