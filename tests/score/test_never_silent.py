@@ -120,3 +120,22 @@ def test_fit_samples_counts_drops(embedded):
     assert (len(kept), dropped) == (0, 4)
     kept, dropped = fit_samples(embedded.processor, samples, max_length=100_000)
     assert (len(kept), dropped) == (4, 0)
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_a_reply_starting_with_a_line_break_is_one_clear_error(embedded, turns):
+    """Qwen's tokenizer merges a reply's leading line break with the assistant header's own ("\n\n" is one token):
+    that reply would go unsupervised (the only one: no supervised token; an earlier turn of several: silently).
+    The embedded model's small vocabulary has no such merge, so a copy of its processor is given one."""
+    import copy
+
+    proc = copy.deepcopy(embedded.processor)
+    proc.tokenizer.add_tokens(["\n\n"])
+    ok = shapes.sample("calib", 0)
+    first = [user_turn("Describe this photo.", 1), assistant_turn("\nA red circle.")]
+    later = [user_turn("And its colour?"), assistant_turn("Red.")] if turns == 2 else []
+    bad = ChatSample(first + later, ok.images, source="test")
+    with pytest.raises(FP8MixError, match="starts with whitespace"):
+        encode(proc, [ok, bad])
+    fine = ChatSample([first[0], assistant_turn("A red circle."), *later], ok.images, source="test")
+    assert (encode(proc, [ok, fine])["labels"][1] != -100).any()

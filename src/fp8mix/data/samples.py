@@ -75,8 +75,8 @@ DEFAULT_MAX_LENGTH = 1024
 MAX_ASPECT = 200  # the Qwen image processors' limit on an image's long side over its short side
 
 
-def _assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """True on the tokens of every assistant reply, its closing <|im_end|> included.
+def _assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> tuple[torch.Tensor, list[int]]:
+    """True on the tokens of every assistant reply, its closing <|im_end|> included; and the replies found per row.
 
     The Qwen chat templates mark no generation span (no `{% generation %}` block), so the replies are found by the
     token pattern `<|im_start|>assistant\n` ... `<|im_end|>` in the rendered, tokenized conversation.
@@ -84,18 +84,28 @@ def _assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
     im_end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    found = []
     n = len(header)
     for row, ids in enumerate(input_ids.tolist()):
-        i = 0
+        i, found_here = 0, 0
         while i + n <= len(ids):
             if ids[i:i + n] == header:
                 j = i + n
                 while j < len(ids) and ids[j] != im_end:
                     j += 1
                 mask[row, i + n:min(j + 1, len(ids))] = True
+                found_here += 1
                 i = j
             i += 1
-    return mask
+        found.append(found_here)
+    return mask, found
+
+
+def _text(content) -> str:
+    """A message's text: its string, or its text items joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(c.get("text", "") for c in content or [] if isinstance(c, dict))
 
 
 def model_inputs(batch: dict) -> dict:
@@ -131,7 +141,14 @@ def encode(processor, samples: list[ChatSample], *, for_generation: bool = False
                           f"{int(lengths.max())}); raise --max-length or lower --max-pixels")
     if not for_generation:
         labels = enc["input_ids"].clone()
-        labels[~_assistant_label_mask(enc["input_ids"], tok)] = -100
+        mask, found = _assistant_label_mask(enc["input_ids"], tok)
+        labels[~mask] = -100
+        for k, (s, n) in enumerate(zip(samples, found)):
+            replies = [_text(m.get("content")) for m in s.messages if m.get("role") == "assistant"]
+            if n < len(replies) and any(r[:1].isspace() for r in replies):  # merged with the header's "\n" token
+                raise FP8MixError(f"sample {k} ({s.source}): {len(replies)} assistant replies, {n} found after the header "
+                                  f"{ASSISTANT_HEADER!r} in the tokenized chat; a reply that starts with whitespace "
+                                  "merges with the header's line break and would go unsupervised: strip it")
         labels[enc["attention_mask"] == 0] = -100
         unsupervised = int(((labels != -100).sum(1) == 0).sum())
         if unsupervised:
