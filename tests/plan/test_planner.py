@@ -147,3 +147,35 @@ def test_planning_prints_nothing(skeleton, capfd):
         plan_scheme(name, catalog, sens)
     out, _ = capfd.readouterr()
     assert out == ""
+
+
+@pytest.mark.parametrize("params", [(49_999_999, 50_000_001), (4_999_999, 5_000_001)])
+def test_budget_is_never_exceeded_by_a_parameter_or_a_solver_tolerance(params):
+    """An item a few parameters short of the budget alone does not meet it: the plan's effective bits, computed as
+    the planner does, stay at or below the target."""
+    got = solve_budget([0.0, 1.0], list(params), 12.0)
+    fp8 = sum(p for p, on in zip(params, got) if on)
+    assert 16.0 - 8.0 * fp8 / sum(params) <= 12.0
+
+
+def test_solver_is_exact_for_scores_spanning_many_orders_of_magnitude():
+    """Gradient scores of one model span orders of magnitude; the least sensitive groups, the ones a budget
+    chooses among, must still be told apart by their scores (four group sizes, as the four kinds of a block)."""
+    rng = random.Random(0)
+    for _ in range(40):
+        n = 12
+        scores = [rng.random() * 10 ** rng.uniform(-12, 0) for _ in range(n)]
+        params = [rng.choice([3, 5, 11, 13]) * 1000 for _ in range(n)]
+        bits = rng.uniform(8, 15)
+        need = (16 - bits) / 8 * sum(params)
+        best = min(sum(s for s, on in zip(scores, pick) if on)
+                   for pick in itertools.product([0, 1], repeat=n)
+                   if sum(p for p, on in zip(params, pick) if on) >= need)
+        got = solve_budget(scores, params, bits)
+        assert sum(p for p, on in zip(params, got) if on) >= need
+        assert sum(s for s, on in zip(scores, got) if on) == pytest.approx(best, rel=1e-9, abs=0)
+
+
+def test_solver_breaks_ties_by_item_index():
+    assert solve_budget([0.0] * 6, [10] * 6, 12.0) == [True] * 3 + [False] * 3
+    assert solve_budget([2.0, 1.0, 1.0, 1.0, 2.0], [10] * 5, 12.8) == [False, True, True, False, False]
