@@ -99,16 +99,28 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+SAMPLE_BYTES = 4096  # of each tensor's data, from its start and from its end, in the fingerprint
+
+
 def fingerprint(path: Path) -> str:
-    """sha256 over config.json and each safetensors file's header and size: cheap, and changes with the weights'
-    layout; the embedded model is hashed in full."""
+    """sha256 over config.json and each safetensors file's header, size and the first and last SAMPLE_BYTES of
+    every tensor's data: cheap, and changes with the weights' layout and with their values (another fine-tune of
+    the same architecture); the embedded model is hashed in full."""
     h = hashlib.sha256((path / "config.json").read_bytes())
     for f in safetensors_files(path):
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or n > 100_000_000:
-                raise FP8MixError(f"{f} is not a valid safetensors file (bad header): the checkpoint is corrupt")
-            h.update(fh.read(n))
+            header = fh.read(n) if 0 < n <= 100_000_000 else b""
+            try:
+                spans = sorted((int(a), int(b)) for k, v in json.loads(header).items() if k != "__metadata__"
+                               for a, b in [v["data_offsets"]])
+            except (ValueError, TypeError, KeyError, AttributeError):
+                raise FP8MixError(f"{f} is not a valid safetensors file (bad header): the checkpoint is corrupt") from None
+            h.update(header)
+            for start, end in spans:
+                for at in sorted({start, max(start, end - SAMPLE_BYTES)}):
+                    fh.seek(8 + n + at)
+                    h.update(fh.read(min(SAMPLE_BYTES, end - at)))
         h.update(str(f.stat().st_size).encode())
         if path == EMBEDDED:
             h.update(f.read_bytes())
