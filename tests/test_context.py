@@ -33,3 +33,27 @@ def test_every_stage_defaults_to_the_auto_device():
     for name in ("score", "export", "check", "eval", "run"):
         option = next(p for p in commands[name].params if p.name == "device")
         assert option.default == "auto", name
+
+
+def _jsonl(path, answer):
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{answer} {i}."}]}
+            for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_edited_data_file_gives_other_scoring_settings(tmp_path):
+    from fp8mix.context import catalog_of, overrides
+
+    data = tmp_path / "data.jsonl"
+    _jsonl(data, "It is")
+    opts = RunOptions(run=tmp_path / "run", device="cpu", score_overrides={"data": str(data)})
+    catalog, _ = catalog_of(opts)
+    name = next(iter(catalog.schemes))
+    before = catalog.settings(name, **overrides(opts))
+    _jsonl(data, "It was")
+    after = catalog.settings(name, **overrides(opts))
+    assert before.key("m") != after.key("m")
+    assert before.model_dump() != after.model_dump()  # the export's calibration key of fp8_static/KV schemes
+

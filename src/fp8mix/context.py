@@ -56,13 +56,15 @@ def model_arg(opts: RunOptions) -> str | None:
 
 def overrides(opts: RunOptions) -> dict:
     """Scoring overrides: those recorded by earlier stages of this run, updated with the ones passed now. Without
-    --data, the built-in data suited to the model (data.sources.default_source)."""
-    from .data.sources import default_source
+    --data, the built-in data suited to the model (data.sources.default_source). A local data file or folder's
+    samples are hashed into `data_digest`, now, so that scores and checkpoints of its older content are not reused."""
+    from .data.sources import default_source, digest
     from .models.loading import EMBEDDED_ID
 
     over = {**manifest.load(opts.run).get("score_overrides", {}), **opts.score_overrides}
     over.setdefault("data", default_source(model_arg(opts) in (None, "embedded", EMBEDDED_ID)))
-    return over
+    over["data_digest"] = digest(over["data"])
+    return {k: v for k, v in over.items() if v is not None}
 
 
 def catalog_of(opts: RunOptions) -> tuple[Catalog, Path]:

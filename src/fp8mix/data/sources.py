@@ -3,8 +3,10 @@ Hugging Face dataset. Calibration and evaluation never share a sample."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -218,6 +220,27 @@ def assert_disjoint(calib: list[ChatSample], evaluation: list[ChatSample]) -> No
     if shared:
         raise FP8MixError(f"{len(shared)} sample(s) appear in both the calibration and the evaluation set; "
                           "pass a different --eval-data")
+
+
+def digest(source: str) -> str | None:
+    """A hash of a local source's samples (text and pixels), None for the built-in and hub sources: a file or
+    folder edited since it was scored gives other scoring settings, so it is scored again."""
+    if source in (EMBEDDED, REAL) or source.startswith("hf:"):
+        return None
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        return None  # load() says so
+    st = path.stat()
+    return _digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    p = Path(path)
+    h = hashlib.sha256()
+    for s in image_folder(p) if p.is_dir() else jsonl(p):
+        h.update(s.fingerprint().encode())
+    return h.hexdigest()[:16]
 
 
 EVAL_SEED = 0

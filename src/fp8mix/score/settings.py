@@ -32,10 +32,11 @@ class AutoQuantSettings(BaseModel):
     max_length: int = Field(DEFAULT_MAX_LENGTH, ge=16)   # tokens per sample; longer samples are dropped (counted)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=28 * 28)  # larger images are scaled down first
     data: str = "embedded"
+    data_digest: str | None = None  # a local file or folder's samples (data.sources.digest); None: built-in data
 
     def key(self, model_fingerprint: str) -> str:
         """A short hash of the settings, the model and the scoring code's version: the cache name of the scores
         they produce."""
         doc = json.dumps({"model": model_fingerprint, "scoring_version": SCORING_VERSION,
-                          **self.model_dump(mode="json")}, sort_keys=True)
+                          **self.model_dump(mode="json", exclude_none=True)}, sort_keys=True)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
