@@ -71,3 +71,18 @@ def test_an_already_quantized_model_is_refused_as_a_source(tmp_path):
         line = one_line_error(fp8mix(*cmd))
         assert "already quantized" in line and "compressed-tensors" in line, line
     assert not (tmp_path / "run" / "sensitivity.json").exists()
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for cmd in ("run", "score"):
+        assert "is a file" in one_line_error(fp8mix(cmd, "--out", str(f), "--no-live" if cmd == "run" else "--force"))
+
+
+def test_an_out_of_range_scoring_option_is_one_line_naming_it(tmp_path):
+    for args, name in ((("--method", "foo"), "--method"), (("--seed", "-1"), "--seed"),
+                       (("--calib-samples", "0"), "--calib-samples"), (("--batch-size", "0"), "--batch-size")):
+        line = one_line_error(fp8mix("run", "--out", str(tmp_path / "r"), "--no-live", *args))
+        assert name in line, line
+    assert not (tmp_path / "r").exists()

@@ -76,13 +76,25 @@ DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="auto: sp
 def _options(run, model=None, catalog=None, device="auto", force=False, calib_samples=None, data=None,
              text_only=False, method=None, seed=None, batch_size=None, device_map=None, max_length=None,
              max_pixels=None):
-    from .context import RunOptions
+    from pydantic import ValidationError
 
+    from .context import RunOptions
+    from .score.settings import AutoQuantSettings
+
+    if run.exists() and not run.is_dir():
+        raise FP8MixError(f"run directory {run} is a file; pass a new or existing directory")
     overrides = {"calib_samples": calib_samples, "data": data, "method": method, "seed": seed,
                  "batch_size": batch_size, "with_images": False if text_only else None, "max_length": max_length,
                  "max_pixels": max_pixels}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        AutoQuantSettings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]).replace("_", "-")
+        raise FP8MixError(f"--{name} {err.get('input')!r}: {err['msg']}") from None
     return RunOptions(run=run, model=model, catalog=catalog, device=device, device_map=device_map, force=force,
-                      score_overrides={k: v for k, v in overrides.items() if v is not None})
+                      score_overrides=overrides)
 
 
 @app.command()
