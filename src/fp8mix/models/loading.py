@@ -28,7 +28,7 @@ class LoadedModel:
     layout: ModelLayout
     model_id: str      # what the user passed (or the embedded id)
     path: Path         # local folder the files came from
-    fingerprint: str   # sha256 over config.json and the safetensors headers
+    fingerprint: str   # sha256 over config.json, the safetensors headers and each tensor's first and last 4 KiB
 
 
 def resolve(model: str | None, patterns: list[str] = HUB_FILES) -> tuple[str, Path]:
