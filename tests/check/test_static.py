@@ -1,5 +1,7 @@
 """The static vLLM rule check passes every exported scheme and catches the classic broken variants."""
 
+import json
+
 from .check_helpers import broken_copy, plan_of
 from fp8mix.check.static import check_static
 from fp8mix.plan.catalog import load_catalog
@@ -97,3 +99,42 @@ def test_fp8_kv_cache_scales_and_scheme_are_checked(check_run, skeleton, tmp_pat
         "strategy", edit_scheme=lambda qc: qc["kv_cache_scheme"].__setitem__("strategy", "channel"))
     assert "the plan asks for an FP8 KV cache but config.json has no kv_cache_scheme" in broken(
         "undeclared", edit_scheme=lambda qc: qc.__setitem__("kv_cache_scheme", None))
+
+
+VLLM_IGNORED = """
+import json, sys
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as M
+qc, layers = json.loads(sys.stdin.read())
+cfg = CompressedTensorsConfig.from_config(qc)
+cfg.apply_vllm_mapper(M.hf_to_vllm_mapper.get_rename_mapper())
+cfg.packed_modules_mapping.update(M.packed_modules_mapping)
+print(json.dumps([should_ignore_layer(p, ignore=cfg.ignore, fused_mapping=cfg.packed_modules_mapping) for p in layers]))
+"""
+
+
+def test_plain_ignore_name_is_an_exact_module_name(check_run, skeleton, tmp_path):
+    """vLLM's compressed-tensors ignore matches a plain name exactly (no prefix): a block's name leaves its
+    linears quantized, so a checkpoint that keeps them BF16 under such an entry fails the check."""
+    import subprocess
+
+    from fp8mix.check.live import vllm_python
+
+    net, adapter, layout = skeleton
+    plan = plan_of(check_run.run, "fp8_autoquant_top50")
+    block = next(b for b in range(layout.n_blocks) if b not in plan["fp8_blocks"])
+    bad = broken_copy(check_run.run / "checkpoints" / "fp8_autoquant_top50", tmp_path / "bad",
+                      ignore_edit=lambda ign: [e for e in ign if f".layers.{block}." not in e] + [f"model.layers.{block}"])
+    res = check_static(bad, plan, net, adapter, layout)
+    assert not res["ok"]
+    assert f"ignore entry 'model.layers.{block}' matches no module in either HF naming" in res["failures"]
+    assert f"model.layers.{block}.mlp.down_proj is BF16 but not ignored: vLLM would expect FP8 weights for it" \
+        in res["failures"]
+    if vllm_python() is None:
+        return
+    qc = json.loads((bad / "config.json").read_text())["quantization_config"]
+    layers = [f"language_model.model.layers.{block}.{m}" for m in ("self_attn.qkv_proj", "mlp.down_proj")]
+    out = subprocess.run([vllm_python(), "-c", VLLM_IGNORED], input=json.dumps([qc, layers]), text=True,
+                         check=True, capture_output=True, timeout=300).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [False, False]   # vLLM quantizes them

@@ -36,8 +36,9 @@ def _tensor_meta(folder: Path) -> dict[str, tuple[str, list[int]]]:
 
 
 class Matcher:
-    """A compressed-tensors ignore entry as vLLM reads it: `re:` regexes (full match, never remapped) or plain
-    module names (remapped from either HF naming); a glob is recognised only to be refused."""
+    """A compressed-tensors ignore entry as vLLM reads it: `re:` regexes (re.match, never remapped) or plain
+    module names (remapped from either HF naming, then equal to the layer name: a parent's name ignores none of its
+    linears); a glob is recognised only to be refused."""
 
     def __init__(self, entry: str):
         self.entry = entry
@@ -58,7 +59,7 @@ class Matcher:
             return self.regex.match(name) is not None  # vLLM: re.match against the layer name
         if self.kind == "glob":
             return fnmatch.fnmatchcase(name, self.entry) or fnmatch.fnmatchcase(name, self.entry + ".*")
-        return name == self.entry or name.startswith(self.entry + ".")
+        return name == self.entry
 
 
 # vLLM's packed_modules_mapping for the Qwen VL families: the fused layer each unfused linear on disk loads into
