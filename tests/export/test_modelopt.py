@@ -139,3 +139,13 @@ def test_static_check_judges_by_vllm_modelopt_rules(mo_top50, top50_plan, tmp_pa
     missing = _check(_broken(mo_top50, tmp_path / "missing", tensor_edit=lambda t: t.pop(fp8 + ".weight_scale")),
                      top50_plan)["failures"]
     assert f"{fp8} is FP8 but has no weight_scale" in missing
+
+
+def test_static_check_wants_a_tied_lm_head_excluded(mo_top50, top50_plan, tmp_path):
+    """vLLM's ModelOpt loader builds lm_head with the FP8 method unless the exclude list names it, tied or not; a
+    tied one then runs the BF16 embedding matrix as FP8 weights with placeholder scales."""
+    cfg = json.loads((mo_top50 / "config.json").read_text())
+    assert cfg["tie_word_embeddings"]
+    bad = _check(_broken(mo_top50, tmp_path / "no-lm-head", lambda ign: [e for e in ign if e != "lm_head"]),
+                 top50_plan)["failures"]
+    assert any("lm_head is not excluded" in f for f in bad), bad

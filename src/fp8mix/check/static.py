@@ -182,6 +182,10 @@ def check_static(folder: Path, plan: dict, model: nn.Module, adapter: FamilyAdap
         w = meta.get(disk + ".weight")
         if w is None:
             if n == f"{adapter.lm_head_path}" and layout.tied_lm_head:
+                # ModelOpt builds lm_head with its FP8 method unless excluded; tied, it would get the BF16 embedding
+                if modelopt and not ignored(n, "vllm"):
+                    failures.append(f"{disk} is not excluded: vLLM's ModelOpt loader would run the tied BF16 "
+                                    "embedding matrix as FP8 weights")
                 continue
             failures.append(f"{disk}.weight is missing from the checkpoint")
             continue
