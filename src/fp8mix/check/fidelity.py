@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ..data import real, shapes
 from ..data.samples import ChatSample
-from ..rundir import read_json, write_json
-from .live import SERVED_DIR, RequestSet, Runner, runner_digest, serve, vllm_python, vllm_version
+from ..rundir import read_json
+from .live import SERVED_DIR, RequestSet, Runner, runner_digest, serve, vllm_python, vllm_version, write_served
 
 PROBE_TOKENS = 16
 PROBE_TOP_K = 5
@@ -87,14 +87,13 @@ def bf16_reference(run: Path, source: Path, fingerprint: str, engine: dict, extr
         if doc.get("key") == key:
             return doc
     res = (runner.serve if runner is not None else serve)(source, requests, engine=engine)
-    doc = {"key": key, "runner": runner_digest(), "extra_key": extra.key() if extra is not None else None,
-           "model": str(source),
+    doc = {"key": key, "extra_key": extra.key() if extra is not None else None, "model": str(source),
            "model_key": fingerprint,
            "ok": bool(res.get("ok")), "errors": res.get("errors", []),
            "reason": res.get("reason"), "vllm_version": res.get("vllm_version"),
            "timings_s": res.get("timings_s", {}), "outputs": res.get("outputs", {})}
     if doc["ok"]:  # a failed reference is not cached: the next check serves it again
-        write_json(path, "served", doc)
+        write_served(run, REFERENCE_FILE.stem, doc)
     return doc
 
 

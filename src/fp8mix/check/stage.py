@@ -23,8 +23,8 @@ from .static import check_static, cpu_fp8_kv_cache_reason, kv_head_dim, served_k
 def live_check(folder: Path, plan: dict, adapter, layout, reference: dict, extra: RequestSet | None = None,
                engine: dict | None = None, runner: Runner | None = None) -> tuple[dict, dict]:
     """Serve one checkpoint (one engine start, by `runner` or a process of its own): layer dtypes, the KV cache's
-    dtype and scales as vLLM runs them, load warnings, outputs against the BF16 reference. Returns (the live verdict, the served document: outputs by request id,
-    timings, vLLM version)."""
+    dtype and scales as vLLM runs them, load warnings, outputs against the BF16 reference. Returns (the live
+    verdict, the served document: outputs by request id, timings, vLLM version)."""
     fp8 = [adapter.to_disk(m) for m in plan["fp8_modules"]]
     bf16 = [adapter.to_disk(m) for m in plan["bf16_modules"]]
     ref_ok = reference.get("ok")

@@ -281,7 +281,7 @@ def _check_kv_cache(folder: Path, qc: dict, method: str, meta: dict, layout: Mod
     ``.self_attn.attn.k_scale``) and runs an fp8_e4m3 cache when kv_cache_dtype is auto. A missing scale stays at
     vLLM's placeholder (1.0, with only a warning); a non-positive one breaks its scale processing."""
     scheme = qc.get("kv_cache_scheme")
-    attn = [g.name.rsplit(".", 1)[0] for g in layout.groups if g.kind == "qkv"]
+    attn = attention_modules(layout)
     stored = sorted(k for k in meta if k.endswith((".k_scale", ".v_scale")))
     wants = plan.get("kv_cache")
     if scheme is None:

@@ -339,8 +339,7 @@ def serve_model(job: dict, capture: _Capture, state: dict) -> tuple[int, str | N
     engine = {"max_model_len": int(job.get("max_model_len", 1024)), "max_num_seqs": int(job.get("max_num_seqs", 16))}
     result: dict = {"ok": False, "vllm_version": None, "torch_version": None, "model": os.path.abspath(job["model"]),
                     "quantization": None, "layers": {}, "attention": {}, "expectations": {}, "outputs": {},
-                    "warnings": [],
-                    "errors": [], "timings_s": {},
+                    "warnings": [], "errors": [], "timings_s": {},
                     "engine": {**engine, "dtype": "bfloat16", "enforce_eager": True, "enable_prefix_caching": False}}
     unreported = {"import": 0.0, "warnings": []}
     rc, eng = 2, None

@@ -101,11 +101,11 @@ def _assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> tuple[torch.Ten
     return mask, found
 
 
-def _text(content) -> str:
+def message_text(content) -> str:
     """A message's text: its string, or its text items joined."""
     if isinstance(content, str):
         return content
-    return "".join(c.get("text", "") for c in content or [] if isinstance(c, dict))
+    return "".join(c.get("text") or "" for c in content or [] if isinstance(c, dict) and c.get("type") == "text")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -144,11 +144,12 @@ def encode(processor, samples: list[ChatSample], *, for_generation: bool = False
         mask, found = _assistant_label_mask(enc["input_ids"], tok)
         labels[~mask] = -100
         for k, (s, n) in enumerate(zip(samples, found)):
-            replies = [_text(m.get("content")) for m in s.messages if m.get("role") == "assistant"]
-            if n < len(replies) and any(r[:1].isspace() for r in replies):  # merged with the header's "\n" token
-                raise FP8MixError(f"sample {k} ({s.source}): {len(replies)} assistant replies, {n} found after the header "
-                                  f"{ASSISTANT_HEADER!r} in the tokenized chat; a reply that starts with whitespace "
-                                  "merges with the header's line break and would go unsupervised: strip it")
+            replies = [m for m in s.messages if m.get("role") == "assistant"]
+            if n < len(replies) and any(message_text(m.get("content"))[:1].isspace() for m in replies):
+                # the reply's leading line break merged with the header's "\n" token
+                raise FP8MixError(f"sample {k} ({s.source}): {len(replies)} assistant replies, {n} found after the "
+                                  f"header {ASSISTANT_HEADER!r} in the tokenized chat; a reply that starts with "
+                                  "whitespace merges with the header's line break and would go unsupervised: strip it")
         labels[enc["attention_mask"] == 0] = -100
         unsupervised = int(((labels != -100).sum(1) == 0).sum())
         if unsupervised:

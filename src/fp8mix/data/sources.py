@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import FP8MixError
 from . import real, shapes
-from .samples import ChatSample, assistant_turn, rgb, user_turn
+from .samples import ChatSample, assistant_turn, message_text, rgb, user_turn
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 EMBEDDED = "embedded"
@@ -74,10 +74,7 @@ def _count_images(messages: list[dict]) -> int:
 def _last_answer(messages: list[dict]) -> str | None:
     if not messages or messages[-1].get("role") != "assistant":
         return None
-    content = messages[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(c.get("text", "") for c in content if c.get("type") == "text") or None
+    return message_text(messages[-1]["content"]) or None
 
 
 def _check_messages(messages, where: str) -> None:

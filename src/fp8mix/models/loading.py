@@ -115,7 +115,8 @@ def fingerprint(path: Path) -> str:
                 spans = sorted((int(a), int(b)) for k, v in json.loads(header).items() if k != "__metadata__"
                                for a, b in [v["data_offsets"]])
             except (ValueError, TypeError, KeyError, AttributeError):
-                raise FP8MixError(f"{f} is not a valid safetensors file (bad header): the checkpoint is corrupt") from None
+                raise FP8MixError(f"{f} is not a valid safetensors file (bad header): the checkpoint is "
+                                  "corrupt") from None
             h.update(header)
             for start, end in spans:
                 for at in sorted({start, max(start, end - SAMPLE_BYTES)}):
